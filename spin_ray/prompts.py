@@ -1,0 +1,115 @@
+"""Evaluation prompt sets: one loader that recognises the set from its path.
+
+- ``toy``: the toy world's held-out validation prompts (:func:`spin_ray.toy.world.validation_prompts`).
+- a ``.parquet`` file, or a directory of them: Pick-a-Pic (e.g. the ``test_unique`` or
+  ``validation_unique`` split files); the ``caption`` column, with or without the image
+  columns, deduplicated in order.
+- a ``.tsv`` file: PartiPrompts (``Prompt`` column).
+- a directory with ``anime.json``, ``concept-art.json``, ``paintings.json`` and
+  ``photo.json``: the HPSv2 benchmark, each file a JSON list of prompts; the four styles
+  are concatenated in that order. A single ``.json`` list file is read the same way.
+- a ``.txt`` file: one prompt per line, blank lines skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from spin_ray.toy.world import validation_prompts
+
+PICKAPIC_CAPTION = "caption"
+PARTIPROMPTS_COLUMN = "Prompt"
+HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
+
+
+class PromptSetError(ValueError):
+    """A prompt set cannot be read; the message names the file and what was expected."""
+
+
+def load_prompts(path: str | Path, max_prompts: int | None = None) -> list[str]:
+    """The prompts of the set at ``path`` (see the module docstring), at most ``max_prompts``."""
+    if max_prompts is not None and max_prompts < 1:
+        raise PromptSetError(f"max_prompts: must be >= 1 or None, got {max_prompts}")
+    prompts = validation_prompts() if str(path) == "toy" else _load_path(Path(path))
+    if not prompts:
+        raise PromptSetError(f"{path}: the prompt set is empty")
+    return prompts[:max_prompts] if max_prompts is not None else prompts
+
+
+def _load_path(path: Path) -> list[str]:
+    if path.is_dir():
+        if any((path / f"{style}.json").exists() for style in HPS_STYLES):
+            return _hps_directory(path)
+        files = sorted(path.rglob("*.parquet"))
+        if files:
+            return _dedupe([p for file in files for p in _parquet_captions(file)])
+        raise PromptSetError(
+            f"{path}: directory holds neither the HPSv2 style files ({', '.join(HPS_STYLES)}.json) "
+            "nor .parquet files"
+        )
+    if not path.exists():
+        raise PromptSetError(f"{path}: no such file or directory (eval.prompts)")
+    readers = {".parquet": lambda p: _dedupe(_parquet_captions(p)), ".tsv": _parti_prompts,
+               ".json": _json_list, ".txt": _text_lines}
+    reader = readers.get(path.suffix.lower())
+    if reader is None:
+        raise PromptSetError(
+            f"{path}: unknown prompt set; expected 'toy', a .parquet, .tsv, .json or .txt file, "
+            "or an HPSv2 benchmark directory"
+        )
+    return reader(path)
+
+
+def _dedupe(prompts: list[str]) -> list[str]:
+    return list(dict.fromkeys(prompts))
+
+
+def _parquet_captions(path: Path) -> list[str]:
+    try:
+        names = pq.read_schema(path).names
+        if PICKAPIC_CAPTION not in names:
+            raise PromptSetError(f"{path}: no {PICKAPIC_CAPTION!r} column; columns are {', '.join(names)}")
+        column = pq.read_table(path, columns=[PICKAPIC_CAPTION]).column(PICKAPIC_CAPTION)
+    except OSError as err:
+        raise PromptSetError(f"{path}: cannot read parquet ({err})") from err
+    return _clean([value for value in column.to_pylist() if isinstance(value, str)])
+
+
+def _parti_prompts(path: Path) -> list[str]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle, delimiter="\t")
+        if reader.fieldnames is None or PARTIPROMPTS_COLUMN not in reader.fieldnames:
+            raise PromptSetError(
+                f"{path}: no {PARTIPROMPTS_COLUMN!r} column in the TSV header {reader.fieldnames}"
+            )
+        return _clean([row[PARTIPROMPTS_COLUMN] or "" for row in reader])
+
+
+def _hps_directory(path: Path) -> list[str]:
+    missing = [f"{style}.json" for style in HPS_STYLES if not (path / f"{style}.json").exists()]
+    if missing:
+        raise PromptSetError(f"{path}: HPSv2 benchmark directory lacks {', '.join(missing)}")
+    return [prompt for style in HPS_STYLES for prompt in _json_list(path / f"{style}.json")]
+
+
+def _json_list(path: Path) -> list[str]:
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise PromptSetError(f"{path}: invalid JSON ({err})") from err
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise PromptSetError(f"{path}: expected a JSON list of prompt strings")
+    return _clean(values)
+
+
+def _text_lines(path: Path) -> list[str]:
+    return _clean(path.read_text(encoding="utf-8").splitlines())
+
+
+def _clean(prompts: list[str]) -> list[str]:
+    """Stripped prompts without blanks."""
+    return [p.strip() for p in prompts if p.strip()]
