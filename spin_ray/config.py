@@ -58,7 +58,8 @@ class DataConfig:
     prompt_column: str = "caption"
     """Caption column (``parquet``) or metadata field (``folder``)."""
     image_column: str = "image"
-    """Image-bytes column (``parquet``) or metadata field holding the file name (``folder``)."""
+    """Image-bytes column (``parquet``); for ``folder``, the metadata field with the file name
+    when the metadata has no ``file_name`` (the Hugging Face imagefolder convention)."""
     max_rows: int | None = None
     """Use at most this many rows (after dropping ties and bad rows); None: all."""
     on_bad_row: Literal["skip", "fail"] = "fail"
@@ -163,15 +164,23 @@ class EvalConfig:
 
     enabled: bool = False
     """Evaluate theta_0, each theta_k (and the SFT baseline) after each iteration."""
-    prompts: str = ""
-    """Prompt set: a text file, PartiPrompts.tsv, Pick-a-Pic parquet, HPSv2 JSON dir, or
-    ``toy`` for the toy world's held-out prompts."""
+    prompts: str | list[str] = ""
+    """Prompt set(s): a text file (one prompt a line), PartiPrompts.tsv, Pick-a-Pic parquet (a
+    split file or dir), an HPSv2 benchmark dir, or ``toy`` (the toy world's held-out prompts)."""
     max_prompts: int | None = None
-    """Evaluate at most this many prompts."""
+    """Evaluate at most this many prompts per prompt set."""
+    models: dict[str, str] = field(default_factory=dict)
+    """``jobs/evaluate.py``: models to compare, name -> diffusers dir or hub id."""
+    baseline: str = "base"
+    """The model that win rates are computed against."""
     scorers: list[str] = field(default_factory=lambda: ["pickscore", "hpsv2", "imagereward", "aesthetic"])
     """Scorer names for :func:`spin_ray.rewards.load_scorer`."""
     scorer_paths: dict[str, str] = field(default_factory=dict)
-    """Local weight path per scorer name."""
+    """Local weight path per scorer name (the scorer's file or its directory layout)."""
+    scorer_options: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Extra keyword arguments per scorer, e.g. ``aesthetic: {clip_path: ..., head_path: ...}``."""
+    normalise_average: bool = False
+    """Best-of-N by the mean of z-scored metrics instead of the paper's plain average."""
     num_images_per_prompt: int = 5
     """N in best-of-N."""
     guidance_scale: float = 7.5
@@ -182,6 +191,10 @@ class EvalConfig:
     """Seed of the evaluation images (the same for every model)."""
     batch_size: int = 8
     """Images per generation/scoring batch."""
+    num_actors: int = 1
+    """Generation actors (and scorer actors) in the evaluation pipeline."""
+    gpus_per_actor: float = 0.0
+    """GPUs per evaluation generation actor and per scorer actor (0 on CPU)."""
 
 
 @dataclass(frozen=True)
@@ -333,7 +346,7 @@ def _validate(cfg: Config) -> Config:
         "generation.num_actors", "train.batch_size", "train.gradient_accumulation_steps",
         "train.num_workers", "train.log_every", "data.prepare_batch_size",
         "data.prepare_num_actors", "eval.num_images_per_prompt", "eval.batch_size",
-        "eval.num_inference_steps", "train.max_nonfinite_steps",
+        "eval.num_inference_steps", "train.max_nonfinite_steps", "eval.num_actors",
     ]
     for key in positive:
         if get_by_path(cfg, key) < 1:

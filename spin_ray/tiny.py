@@ -51,8 +51,9 @@ def build_clip_tokenizer(out_dir: str | Path) -> CLIPTokenizer:
     return tokenizer
 
 
-def build_tiny_pipeline(seed: int = 0, sample_size: int = 16) -> StableDiffusionPipeline:
-    """A random tiny SD pipeline: latents (4, sample_size, sample_size), images 8x larger.
+def build_tiny_pipeline(seed: int = 0, sample_size: int = 16, vae_scale_factor: int = 8) -> StableDiffusionPipeline:
+    """A random tiny SD pipeline: latents (4, sample_size, sample_size), images
+    ``vae_scale_factor`` (8 as in SD; 2 or 4 for the toy world's small images) times larger.
 
     Deterministic: the same seed gives the same weights; the global torch RNG is left as
     it was. Sizes follow diffusers' ``get_dummy_components`` tests, with one layer per block.
@@ -60,7 +61,7 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 16) -> StableDiffusion
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = _tiny_unet(sample_size)
-        vae = _tiny_vae(sample_size * 2 ** (len(TINY_VAE_BLOCK_OUT_CHANNELS) - 1))
+        vae = _tiny_vae(sample_size * vae_scale_factor, _vae_blocks(vae_scale_factor))
         text_encoder = _tiny_text_encoder()
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         tokenizer = build_clip_tokenizer(tokenizer_dir)
@@ -111,14 +112,20 @@ def _tiny_unet(sample_size: int) -> UNet2DConditionModel:
     )
 
 
-def _tiny_vae(image_size: int) -> AutoencoderKL:
-    blocks = len(TINY_VAE_BLOCK_OUT_CHANNELS)
+def _vae_blocks(vae_scale_factor: int) -> int:
+    blocks = vae_scale_factor.bit_length()  # each block after the first halves the side
+    if vae_scale_factor < 1 or 2 ** (blocks - 1) != vae_scale_factor or blocks > len(TINY_VAE_BLOCK_OUT_CHANNELS):
+        raise ValueError(f"vae_scale_factor: expected 1, 2, 4 or 8, got {vae_scale_factor}")
+    return blocks
+
+
+def _tiny_vae(image_size: int, blocks: int) -> AutoencoderKL:
     return AutoencoderKL(
         sample_size=image_size,
         in_channels=3,
         out_channels=3,
         latent_channels=4,
-        block_out_channels=TINY_VAE_BLOCK_OUT_CHANNELS,
+        block_out_channels=TINY_VAE_BLOCK_OUT_CHANNELS[:blocks],
         down_block_types=("DownEncoderBlock2D",) * blocks,
         up_block_types=("UpDecoderBlock2D",) * blocks,
         layers_per_block=1,

@@ -1,0 +1,143 @@
+"""The opponent: a Ray Data callable class holding the frozen theta_k.
+
+For each batch of real rows it samples the opponent's synthetic latents x0' with DDIM and
+classifier-free guidance (no VAE decode), and, in ``precomputed`` reference mode, the
+opponent's per-sample denoising errors on the real and synthetic latents at the (t, eps)
+the trainer will use (DESIGN.md section 3). Each output batch is also written to the
+iteration's ``opponents/`` directory, so a restarted iteration does not generate it again.
+
+Seeds are derived per sample from (run seed, iteration, sample id), never from the batch,
+so reruns reproduce every sample whatever the batching or the number of actors.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from spin_ray.diffusion import encode_prompt_ids, load_components, sample_latents, tokenize
+from spin_ray.train_step import pair_errors
+
+SAMPLING_STREAM = 0
+NOISE_STREAM = 1
+# Columns of a pair row that the trainer consumes (no strings: iter_torch_batches can't carry them).
+PAIR_COLUMNS = ["sample_id", "noise_seed", "prompt_embeds", "latents_real", "latents_syn",
+                "ref_mse_real", "ref_mse_syn"]
+
+
+def derive_seed(run_seed: int, iteration: int, sample_id: int, stream: int) -> int:
+    """A 63-bit seed for one sample's random stream, independent of batching."""
+    state = np.random.SeedSequence([run_seed, iteration, int(sample_id), stream]).generate_state(2, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """Everything an OpponentGenerator actor needs; picklable, so Ray can ship it."""
+
+    model_path: str
+    """Local diffusers pipeline directory of theta_k."""
+    iteration: int
+    run_seed: int
+    num_inference_steps: int
+    guidance_scale: float
+    eta: float
+    precompute_reference: bool
+    shared_noise: bool
+    opponents_dir: str | None
+    """Where each output batch is also written (local path or fsspec URL); None: nowhere."""
+    device: str = "auto"
+    mixed_precision: str = "auto"
+
+
+class OpponentGenerator:
+    """Ray Data callable class: real rows in, (real, synthetic) pair rows out.
+
+    Input columns: ``sample_id`` (B,) int64, ``prompt`` (B,) str, ``prompt_embeds`` (B, L, D),
+    ``latents_real`` (B, C, h, w). Output adds ``latents_syn`` (B, C, h, w) float32,
+    ``noise_seed`` (B,) int64, ``ref_mse_real``/``ref_mse_syn`` (B,) float32 (NaN when the
+    trainer computes the reference online) and ``generated_at`` (B,) float64 unix time.
+    """
+
+    def __init__(self, spec: GeneratorSpec):
+        self.spec = spec
+        self.device = _pick_device(spec.device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" and spec.mixed_precision != "no" else torch.float32
+        self.components = load_components(spec.model_path, local_files_only=True, device=self.device, dtype=self.dtype)
+        self.components.unet.eval().requires_grad_(False)
+        with torch.inference_mode():
+            ids = tokenize(self.components.tokenizer, [""]).to(self.device)
+            self.negative_embeds = encode_prompt_ids(self.components.text_encoder, ids)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        spec = self.spec
+        sample_ids = [int(s) for s in batch["sample_id"]]
+        embeds = torch.as_tensor(np.asarray(batch["prompt_embeds"]), device=self.device, dtype=self.dtype)
+        latents_real = torch.as_tensor(np.asarray(batch["latents_real"]), device=self.device, dtype=torch.float32)
+        sampling_seeds = [derive_seed(spec.run_seed, spec.iteration, s, SAMPLING_STREAM) for s in sample_ids]
+        noise_seeds = [derive_seed(spec.run_seed, spec.iteration, s, NOISE_STREAM) for s in sample_ids]
+        with torch.inference_mode():
+            latents_syn = sample_latents(
+                self.components.unet, self.components.scheduler, embeds,
+                self.negative_embeds.expand(len(sample_ids), -1, -1), sampling_seeds,
+                num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
+                eta=spec.eta, latent_shape=tuple(latents_real.shape[1:]),
+            ).float()
+            ref_real, ref_syn = self._reference_errors(latents_real, latents_syn, embeds, noise_seeds)
+        out = dict(batch)
+        out["latents_syn"] = latents_syn.cpu().numpy()
+        out["noise_seed"] = np.asarray(noise_seeds, dtype=np.int64)
+        out["ref_mse_real"] = ref_real
+        out["ref_mse_syn"] = ref_syn
+        out["generated_at"] = np.full(len(sample_ids), time.time())
+        if spec.opponents_dir:
+            write_opponent_batch(spec.opponents_dir, out)
+        return out
+
+    def _reference_errors(self, latents_real, latents_syn, embeds, noise_seeds):
+        if not self.spec.precompute_reference:
+            nan = np.full(len(noise_seeds), np.nan, dtype=np.float32)
+            return nan, nan.copy()
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            mse_real, mse_syn, _ = pair_errors(
+                self.components.unet, self.components.scheduler, latents_real.to(self.dtype),
+                latents_syn.to(self.dtype), embeds, torch.tensor(noise_seeds), shared_noise=self.spec.shared_noise,
+            )
+        return mse_real.float().cpu().numpy(), mse_syn.float().cpu().numpy()
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def write_opponent_batch(opponents_dir: str, batch: dict[str, np.ndarray]) -> str:
+    """Write one generated batch as a parquet file, atomically (temp name, then rename).
+
+    Returns the file's path. Tensor columns use Ray's Arrow tensor type, so
+    ``ray.data.read_parquet`` gives them back as arrays of their original shape.
+    """
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.data.extensions import ArrowTensorArray
+
+    columns = {}
+    for name, values in batch.items():
+        values = np.asarray(values)
+        columns[name] = ArrowTensorArray.from_numpy(values) if values.ndim > 1 else pa.array(values)
+    table = pa.table(columns)
+    fs, root = fsspec.core.url_to_fs(opponents_dir)
+    fs.makedirs(root, exist_ok=True)
+    name = f"part-{int(np.min(batch['sample_id'])):020d}-{uuid.uuid4().hex[:8]}.parquet"
+    final = f"{root.rstrip('/')}/{name}"
+    tmp = f"{root.rstrip('/')}/.{name}.tmp"  # not *.parquet: readers never pick up a partial file
+    with fs.open(tmp, "wb") as handle:
+        pq.write_table(table, handle)
+    fs.mv(tmp, final)
+    return final

@@ -1,0 +1,105 @@
+"""Ray Data pipelines that feed the trainer one iteration's samples.
+
+An iteration trains on ``n_samples = steps x batch_size x accumulation x workers`` samples.
+They are the first ``n_samples`` rows of the prepared real table, repeated as often as
+needed (each repeat gets new sample ids, hence new opponent images and noise). For SPIN
+each sample goes through the opponent generator; samples whose opponents are already on
+disk (a restarted iteration) are read back instead of generated again.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from spin_ray.generation import NOISE_STREAM, PAIR_COLUMNS, GeneratorSpec, OpponentGenerator, derive_seed
+
+REPEAT_SHIFT = 32  # sample_id = repeat << 32 | row_id
+
+
+def _with_sample_id(batch: dict[str, np.ndarray], repeat: int) -> dict[str, np.ndarray]:
+    row_id = np.asarray(batch["row_id"], dtype=np.int64)
+    if (row_id >= 1 << REPEAT_SHIFT).any() or (row_id < 0).any():
+        raise ValueError(f"row_id out of range [0, 2**{REPEAT_SHIFT}): {row_id.min()}..{row_id.max()}")
+    out = dict(batch)
+    out["sample_id"] = (np.int64(repeat) << REPEAT_SHIFT) | row_id
+    return out
+
+
+def sample_table(prepared_path: str, n_rows: int, n_samples: int):
+    """The iteration's ``n_samples`` sample rows (lazy dataset, deterministic order)."""
+    import ray.data
+
+    if n_rows < 1:
+        raise ValueError(f"{prepared_path}: the prepared table is empty")
+    base = ray.data.read_parquet(prepared_path, file_extensions=["parquet"])
+    repeats = math.ceil(n_samples / n_rows)
+    copies = [base.map_batches(_with_sample_id, fn_kwargs={"repeat": r}, batch_format="numpy")
+              for r in range(repeats)]
+    table = copies[0].union(*copies[1:]) if repeats > 1 else copies[0]
+    return table.limit(n_samples)
+
+
+def _without_ids(batch: dict[str, np.ndarray], done_ids: np.ndarray) -> dict[str, np.ndarray]:
+    keep = ~np.isin(batch["sample_id"], done_ids)
+    return {name: np.asarray(values)[keep] for name, values in batch.items()}
+
+
+def _with_noise_seed(batch: dict[str, np.ndarray], run_seed: int, iteration: int) -> dict[str, np.ndarray]:
+    out = dict(batch)
+    out["noise_seed"] = np.asarray(
+        [derive_seed(run_seed, iteration, int(s), NOISE_STREAM) for s in batch["sample_id"]], dtype=np.int64)
+    return out
+
+
+def cached_opponent_files(opponents_dir: str) -> tuple[list[str], np.ndarray]:
+    """Finished opponent files in ``opponents_dir`` and the sample ids they hold.
+
+    A batch redone after a crash may have been written twice: later files that overlap an
+    earlier one are left out, so every sample is read once.
+    """
+    import fsspec
+    import pyarrow.parquet as pq
+
+    fs, root = fsspec.core.url_to_fs(opponents_dir)
+    if not fs.exists(root):
+        return [], np.zeros(0, dtype=np.int64)
+    files, seen = [], set()
+    for path in sorted(fs.glob(f"{root.rstrip('/')}/*.parquet")):
+        with fs.open(path, "rb") as handle:
+            ids = set(pq.read_table(handle, columns=["sample_id"]).column("sample_id").to_pylist())
+        if ids & seen:
+            continue
+        seen |= ids
+        files.append(path if "://" not in opponents_dir else f"{opponents_dir.split('://')[0]}://{path}")
+    return files, np.asarray(sorted(seen), dtype=np.int64)
+
+
+def spin_pairs(samples, spec: GeneratorSpec, *, batch_size: int, num_actors: int, gpus_per_actor: float,
+               resources: dict[str, float] | None = None):
+    """(real, synthetic) pair rows: cached opponents first, then freshly generated ones."""
+    import ray.data
+
+    files, done_ids = cached_opponent_files(spec.opponents_dir) if spec.opponents_dir else ([], None)
+    if len(files):
+        samples = samples.map_batches(_without_ids, fn_kwargs={"done_ids": done_ids}, batch_format="numpy")
+    fresh = samples.map_batches(
+        OpponentGenerator,
+        fn_constructor_args=(spec,),
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        batch_size=batch_size,
+        num_gpus=gpus_per_actor or None,
+        resources=resources or None,
+    ).select_columns(PAIR_COLUMNS)
+    if not files:
+        return fresh
+    cached = ray.data.read_parquet(files).select_columns(PAIR_COLUMNS)
+    return cached.union(fresh)
+
+
+def sft_samples(samples, *, run_seed: int, iteration: int):
+    """Real-only rows for the SFT baseline: the sample table plus each sample's noise seed."""
+    return samples.map_batches(
+        _with_noise_seed, fn_kwargs={"run_seed": run_seed, "iteration": iteration}, batch_format="numpy",
+    ).select_columns(["sample_id", "noise_seed", "prompt_embeds", "latents_real"])

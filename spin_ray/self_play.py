@@ -1,0 +1,280 @@
+"""The self-play loop: prepare -> (generate + train) per iteration -> evaluate -> DONE.
+
+Iteration k starts from theta_{k-1}'s weights and plays against theta_{k-1} (theta_0 is
+``model.pretrained``). Every stage leaves its result in the run directory and a DONE
+marker written last; rerunning the same command skips what is done, reuses cached
+opponents of an unfinished iteration, and resumes its training from the last Ray Train
+checkpoint (see :mod:`spin_ray.rundir` for the layout).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spin_ray.config import Config, DataConfig, dump_config, per_iteration
+from spin_ray.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+PREPARED = "prepared"
+SFT_BASELINE = "baseline_sft"
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced: model directories by name (base, sft, iter_1, ...)."""
+
+    run_dir: str
+    models: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def run(cfg: Config) -> RunResult:
+    """Run (or resume) the whole self-play schedule described by ``cfg``."""
+    from spin_ray.ray_session import ensure_ray
+
+    rundir = RunDir(cfg.run_dir)
+    rundir.write_text_atomic("config.yaml", dump_config(cfg))
+    ensure_ray(cfg.cluster.address)
+    result = RunResult(run_dir=cfg.run_dir)
+    base_model = resolve_base_model(cfg, rundir)
+    result.models["base"] = base_model
+    prepared = ensure_prepared(cfg, rundir, base_model)
+    if cfg.self_play.sft_baseline:
+        result.models["sft"] = run_stage(cfg, rundir, SFT_BASELINE, model_path=base_model,
+                                         base_model=base_model, prepared=prepared, iteration=1, loss_type="sft")
+    last_done = rundir.last_done_iteration()
+    for k in range(1, cfg.self_play.iterations + 1):
+        rel = f"iter_{k}"
+        if k <= last_done:
+            result.models[rel] = rundir.path(rel, "model")
+            continue
+        _set_aside_stale(rundir, rel)
+        opponent = base_model if k == 1 else rundir.local_copy(f"iter_{k - 1}/model")
+        started = time.time()
+        result.models[rel] = run_stage(cfg, rundir, rel, model_path=opponent, base_model=base_model,
+                                       prepared=prepared, iteration=k, loss_type=cfg.loss.type)
+        result.timings[rel] = time.time() - started
+    if cfg.eval.enabled:
+        from spin_ray.eval_run import evaluate_models
+
+        evaluate_models(cfg, rundir, result.models)
+    return result
+
+
+def _set_aside_stale(rundir: RunDir, rel: str) -> None:
+    """A finished iteration after an unfinished one was trained against another opponent:
+    move it aside (never delete work) so it is trained again."""
+    if rundir.is_done(rel):
+        aside = f"{rel}.stale-{int(time.time())}"
+        log.warning("%s is finished but an earlier iteration is not; moving it to %s", rel, aside)
+        rundir.fs.mv(rundir.fs_path(rel), rundir.fs_path(aside), recursive=True)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def resolve_base_model(cfg: Config, rundir: RunDir) -> str:
+    """theta_0 as a local diffusers directory (builds the toy base model when asked)."""
+    if cfg.model.pretrained == "toy":
+        from spin_ray.toy.base_model import ensure_toy_base_model
+
+        return str(ensure_toy_base_model(resolution=cfg.model.resolution))
+    path = Path(cfg.model.pretrained).expanduser()
+    if path.is_dir():
+        return str(path)
+    from spin_ray.diffusion import download_pipeline
+
+    return download_pipeline(cfg.model.pretrained, revision=cfg.model.revision,
+                             local_files_only=cfg.model.local_files_only)
+
+
+def resolve_data(cfg: Config, rundir: RunDir) -> DataConfig:
+    """The SFT data config; the toy world writes its Pick-a-Pic-style parquet on first use."""
+    if cfg.data.path:
+        return cfg.data
+    from spin_ray.toy.world import write_pickapic_parquet
+
+    rel = "toy_data/train.parquet"
+    if not rundir.exists(rel):
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "train.parquet"
+            write_pickapic_parquet(local, n_rows=TOY_TRAIN_ROWS, seed=cfg.seed, resolution=cfg.model.resolution)
+            rundir.upload_file(str(local), rel)
+    from dataclasses import replace
+
+    return replace(cfg.data, path=rundir.path(rel), format="pickapic")
+
+
+TOY_TRAIN_ROWS = 256
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The cached real table: where it is and how many rows it has."""
+
+    path: str
+    n_rows: int
+
+
+def ensure_prepared(cfg: Config, rundir: RunDir, base_model: str) -> Prepared:
+    """Encode the SFT data once per run (Ray Data: reader -> VAE/text-encoder actors)."""
+    if rundir.is_done(PREPARED):
+        info = rundir.read_json(f"{PREPARED}/DONE")
+        return Prepared(path=rundir.path(PREPARED, "data"), n_rows=int(info["n_rows"]))
+    from spin_ray.data import read_sft_dataset
+    from spin_ray.prepare import EncoderSpec, prepare_real_table
+
+    rundir.remove_incomplete(PREPARED)
+    started = time.time()
+    data_cfg = resolve_data(cfg, rundir)
+    rows, stats = read_sft_dataset(data_cfg)
+    table = prepare_real_table(
+        rows, EncoderSpec(model_path=base_model, resolution=cfg.model.resolution),
+        batch_size=cfg.data.prepare_batch_size, num_actors=cfg.data.prepare_num_actors,
+        gpus_per_actor=cfg.data.prepare_gpus_per_actor, resources=_label(cfg.cluster.generation_node_label),
+    )
+    path = rundir.path(PREPARED, "data")
+    table.write_parquet(path)
+    n_rows = _count_rows(path)
+    info = {"n_rows": n_rows, "seconds": time.time() - started, "data": data_cfg.path, **stats.as_dict()}
+    rundir.mark_done(PREPARED, info)
+    print(f"prepared {n_rows} real rows in {info['seconds']:.1f}s -> {path}", flush=True)
+    return Prepared(path=path, n_rows=n_rows)
+
+
+def _count_rows(path: str) -> int:
+    import pyarrow.dataset as pads
+
+    return pads.dataset(path, format="parquet").count_rows()
+
+
+def _label(name: str | None) -> dict[str, float] | None:
+    # A tiny share of a node type's custom resource pins work to that node type.
+    return {name: 0.001} if name else None
+
+
+# ----------------------------------------------------------------------------- one stage
+
+
+def samples_per_iteration(cfg: Config, iteration: int) -> int:
+    """Samples one iteration trains on: steps x batch x accumulation x workers."""
+    t = cfg.train
+    return int(per_iteration(t.steps, iteration)) * t.batch_size * t.gradient_accumulation_steps * t.num_workers
+
+
+def opponent_pairs(cfg: Config, rundir: RunDir, opponents_rel: str, *, model_path: str, prepared: Prepared,
+                   iteration: int, n_samples: int):
+    """The lazy dataset of (real, synthetic) pairs: theta_k (``model_path``) plays the opponent."""
+    from spin_ray.pairs import sample_table, spin_pairs
+
+    return spin_pairs(sample_table(prepared.path, prepared.n_rows, n_samples),
+                      _generator_spec(cfg, rundir, opponents_rel, model_path, iteration),
+                      batch_size=cfg.generation.batch_size, num_actors=cfg.generation.num_actors,
+                      gpus_per_actor=cfg.generation.gpus_per_actor,
+                      resources=_label(cfg.cluster.generation_node_label))
+
+
+def generate_opponents(cfg: Config, rundir: RunDir, opponents_rel: str, *, model_path: str,
+                       prepared: Prepared, iteration: int, n_samples: int) -> None:
+    """Generate (and cache in ``opponents_rel``) the opponents without training, so several
+    trainings (e.g. Tune trials of one iteration) can share them."""
+    pairs = opponent_pairs(cfg, rundir, opponents_rel, model_path=model_path, prepared=prepared,
+                           iteration=iteration, n_samples=n_samples)
+    for _ in pairs.iter_batches(batch_size=None):
+        pass
+
+
+def run_stage(cfg: Config, rundir: RunDir, rel: str, *, model_path: str, base_model: str,
+              prepared: Prepared, iteration: int, loss_type: str, opponents_rel: str | None = None) -> str:
+    """Train one model (a SPIN iteration or the SFT baseline); returns its model directory.
+
+    Opponents are cached in ``opponents_rel`` (default ``<rel>/opponents``); pass a shared
+    folder to let several trainings of the same iteration reuse one generation.
+    """
+    model_rel = f"{rel}/model"
+    if rundir.is_done(rel):
+        return rundir.local_copy(model_rel)
+    from spin_ray.pairs import sample_table, sft_samples
+    from spin_ray.trainer import checkpoint_history, fit
+
+    started = time.time()
+    plan = _train_plan(cfg, model_path, iteration, loss_type)
+    n_samples = samples_per_iteration(cfg, iteration)
+    if loss_type == "sft":
+        samples = sample_table(prepared.path, prepared.n_rows, n_samples)
+        dataset = sft_samples(samples, run_seed=cfg.seed, iteration=iteration)
+    else:
+        dataset = opponent_pairs(cfg, rundir, opponents_rel or f"{rel}/opponents", model_path=model_path,
+                                 prepared=prepared, iteration=iteration, n_samples=n_samples)
+    print(f"[{rel}] training {plan.steps} steps on {n_samples} samples ({loss_type}, beta={plan.beta}, "
+          f"lr={plan.lr}) against {model_path}", flush=True)
+    result = fit(plan, dataset, name=rel.replace("/", "_"), storage_path=_storage_path(rundir, rel),
+                 num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                 resources_per_worker=_worker_resources(cfg), max_failures=cfg.train.max_failures)
+    history = checkpoint_history(result.checkpoint)
+    _publish_model(result.checkpoint, base_model, rundir, model_rel)
+    rundir.write_text_atomic(f"{rel}/config.yaml", dump_config(cfg))
+    rundir.write_json_atomic(f"{rel}/metrics.json", {
+        "iteration": iteration, "loss_type": loss_type, "opponent": model_path, "beta": plan.beta,
+        "lr": plan.lr, "steps": plan.steps, "n_samples": n_samples, "seconds": time.time() - started,
+        "history": history,
+    })
+    rundir.mark_done(rel, {"seconds": time.time() - started, "steps": plan.steps})
+    return rundir.local_copy(model_rel)
+
+
+def _train_plan(cfg: Config, model_path: str, iteration: int, loss_type: str):
+    from spin_ray.trainer import TrainPlan
+
+    t = cfg.train
+    return TrainPlan(
+        init_model_path=model_path, loss_type=loss_type, online_reference=cfg.loss.reference == "online",
+        beta=float(per_iteration(cfg.loss.beta, iteration)), lr=float(per_iteration(t.lr, iteration)),
+        steps=int(per_iteration(t.steps, iteration)), batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_steps, lr_schedule=t.lr_schedule, max_grad_norm=t.max_grad_norm,
+        mixed_precision=t.mixed_precision, gradient_checkpointing=t.gradient_checkpointing,
+        checkpoint_every=t.checkpoint_every, log_every=t.log_every, max_nonfinite_steps=t.max_nonfinite_steps,
+        shared_noise=cfg.loss.shared_noise, timestep_weighting=cfg.loss.timestep_weighting,
+        seed=cfg.seed + 1000 * iteration,
+    )
+
+
+def _generator_spec(cfg: Config, rundir: RunDir, opponents_rel: str, model_path: str, iteration: int):
+    from spin_ray.generation import GeneratorSpec
+
+    g = cfg.generation
+    return GeneratorSpec(
+        model_path=model_path, iteration=iteration, run_seed=cfg.seed,
+        num_inference_steps=g.num_inference_steps, guidance_scale=g.guidance_scale, eta=g.eta,
+        precompute_reference=cfg.loss.reference == "precomputed", shared_noise=cfg.loss.shared_noise,
+        opponents_dir=rundir.path(opponents_rel), mixed_precision=cfg.train.mixed_precision,
+    )
+
+
+def _worker_resources(cfg: Config) -> dict[str, float]:
+    resources = {"CPU": 1.0}
+    resources.update(_label(cfg.cluster.train_node_label) or {})
+    return resources
+
+
+def _storage_path(rundir: RunDir, rel: str) -> str:
+    path = rundir.path(rel, "train")
+    return path if "://" in path else os.path.abspath(path)
+
+
+def _publish_model(checkpoint, base_model: str, rundir: RunDir, model_rel: str) -> None:
+    """theta_{k+1} as a full diffusers pipeline: the base's frozen parts + the trained UNet."""
+    from spin_ray.diffusion import load_components, load_unet, save_pipeline
+
+    components = load_components(base_model, local_files_only=True)
+    with checkpoint.as_directory() as ckpt, tempfile.TemporaryDirectory() as tmp:
+        unet = load_unet(str(Path(ckpt) / "unet"), subfolder=None, local_files_only=True)
+        save_pipeline(components, tmp, unet=unet)
+        rundir.publish_dir(tmp, model_rel)

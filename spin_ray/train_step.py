@@ -1,0 +1,150 @@
+"""One SPIN (or SFT) training step in plain PyTorch: no Ray here.
+
+A batch of pairs carries, per sample i: the real latent x0_i, the opponent's synthetic latent
+x0'_i (sampled by theta_k), the prompt embedding c_i and a noise seed. The seed fixes the
+timestep t_i and the noise eps_i (and eps'_i) of the loss (DESIGN.md section 4); both the
+generation actor and the trainer derive them from it, so the opponent's errors can be
+computed on the Data side ("precomputed") and shipped as two scalars per sample.
+
+Paper: Yuan et al., "Self-Play Fine-Tuning of Diffusion Models", eq. 4.9 / C.5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from spin_ray.diffusion import noisy_latents, predict_noise, row_noise_and_timesteps, training_target
+from spin_ray.loss import SftLossOutput, SpinLossOutput, h2_weight, per_sample_mse, sft_loss, spin_loss
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """A batch of (real, synthetic) pairs as the trainer receives it.
+
+    Shapes: ``latents_real``/``latents_syn`` (B, C, h, w); ``prompt_embeds`` (B, L, D);
+    ``noise_seed`` (B,) int64; ``ref_mse_real``/``ref_mse_syn`` (B,) float32 or None when the
+    reference is computed online.
+    """
+
+    latents_real: torch.Tensor
+    latents_syn: torch.Tensor
+    prompt_embeds: torch.Tensor
+    noise_seed: torch.Tensor
+    ref_mse_real: torch.Tensor | None = None
+    ref_mse_syn: torch.Tensor | None = None
+
+    @classmethod
+    def from_columns(cls, columns: dict[str, torch.Tensor]) -> PairBatch:
+        """Build from the trainer's column dict (as ``iter_torch_batches`` yields it)."""
+        return cls(
+            latents_real=columns["latents_real"],
+            latents_syn=columns.get("latents_syn", columns["latents_real"]),
+            prompt_embeds=columns["prompt_embeds"],
+            noise_seed=columns["noise_seed"],
+            ref_mse_real=columns.get("ref_mse_real"),
+            ref_mse_syn=columns.get("ref_mse_syn"),
+        )
+
+
+def pair_errors(
+    unet: torch.nn.Module,
+    scheduler,
+    latents_real: torch.Tensor,
+    latents_syn: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    noise_seed: torch.Tensor,
+    *,
+    shared_noise: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample denoising errors of ``unet`` on the real and the synthetic latents.
+
+    Both branches are noised at the same t_i (and, with ``shared_noise``, the same eps_i)
+    drawn from ``noise_seed`` and run through the UNet as one batch of 2B.
+
+    Returns ``(mse_real (B,), mse_syn (B,), timesteps (B,))``, the MSEs in float32.
+    """
+    seeds = [int(s) for s in noise_seed.tolist()]
+    draw = row_noise_and_timesteps(
+        seeds, tuple(latents_real.shape[1:]), scheduler.config.num_train_timesteps,
+        device=latents_real.device, shared_noise=shared_noise,
+    )
+    latents = torch.cat([latents_real, latents_syn])
+    noise = torch.cat([draw.noise_real, draw.noise_syn]).to(latents.dtype)
+    timesteps = torch.cat([draw.timesteps, draw.timesteps])
+    noisy = noisy_latents(scheduler, latents, noise, timesteps)
+    target = training_target(scheduler, latents, noise, timesteps)
+    pred = predict_noise(unet, noisy, timesteps, torch.cat([prompt_embeds, prompt_embeds]))
+    mse = per_sample_mse(pred, target)
+    batch = latents_real.shape[0]
+    return mse[:batch], mse[batch:], draw.timesteps
+
+
+def spin_batch_loss(
+    unet: torch.nn.Module,
+    scheduler,
+    batch: PairBatch,
+    *,
+    beta: float,
+    shared_noise: bool = True,
+    timestep_weighting: str = "none",
+    ref_unet: torch.nn.Module | None = None,
+) -> SpinLossOutput:
+    """SPIN loss of ``unet`` (theta) against the opponent theta_k on one batch (eq. 4.9).
+
+    The opponent's errors come from ``batch.ref_mse_*`` (precomputed by the generation
+    actor) or, when ``ref_unet`` is given, from running theta_k here without gradients.
+    """
+    policy_real, policy_syn, timesteps = pair_errors(
+        unet, scheduler, batch.latents_real, batch.latents_syn, batch.prompt_embeds,
+        batch.noise_seed, shared_noise=shared_noise,
+    )
+    if ref_unet is not None:
+        with torch.no_grad():
+            ref_real, ref_syn, _ = pair_errors(
+                ref_unet, scheduler, batch.latents_real, batch.latents_syn, batch.prompt_embeds,
+                batch.noise_seed, shared_noise=shared_noise,
+            )
+    elif batch.ref_mse_real is not None and batch.ref_mse_syn is not None:
+        ref_real, ref_syn = batch.ref_mse_real.float(), batch.ref_mse_syn.float()
+    else:
+        raise ValueError("spin_batch_loss: the batch has no ref_mse_real/ref_mse_syn and no ref_unet was given")
+    weight = None
+    if timestep_weighting == "h2":
+        weight = h2_weight(scheduler.alphas_cumprod.to(timesteps.device), timesteps)
+    return spin_loss(policy_real, policy_syn, ref_real, ref_syn, beta, weight=weight)
+
+
+def sft_batch_loss(unet: torch.nn.Module, scheduler, batch: PairBatch) -> SftLossOutput:
+    """Plain denoising loss on the real latents only (the SFT baseline)."""
+    seeds = [int(s) for s in batch.noise_seed.tolist()]
+    latents = batch.latents_real
+    draw = row_noise_and_timesteps(
+        seeds, tuple(latents.shape[1:]), scheduler.config.num_train_timesteps, device=latents.device,
+    )
+    noise = draw.noise_real.to(latents.dtype)
+    noisy = noisy_latents(scheduler, latents, noise, draw.timesteps)
+    pred = predict_noise(unet, noisy, draw.timesteps, batch.prompt_embeds)
+    return sft_loss(pred, training_target(scheduler, latents, noise, draw.timesteps))
+
+
+def make_optimizer(params, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW as in the paper (weight decay 1e-2)."""
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay)
+
+
+def make_lr_scheduler(optimizer, *, schedule: str, warmup_steps: int, total_steps: int):
+    """Linear warm-up, then linear decay to 0 at ``total_steps`` (or constant)."""
+    from diffusers.optimization import get_scheduler
+
+    name = "linear" if schedule == "linear" else "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+def gradients_finite(params) -> bool:
+    """True when every gradient is finite (a non-finite step is skipped, not applied)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.stack([g.detach().float().norm() for g in grads])).all())
