@@ -177,7 +177,7 @@ class EvalConfig:
     """Scorer names for :func:`spin_ray.rewards.load_scorer`."""
     scorer_paths: dict[str, str] = field(default_factory=dict)
     """Local weight path per scorer name (the scorer's file or its directory layout)."""
-    scorer_options: dict[str, dict[str, str]] = field(default_factory=dict)
+    scorer_options: dict[str, dict[str, str | int | float | bool]] = field(default_factory=dict)
     """Extra keyword arguments per scorer, e.g. ``aesthetic: {clip_path: ..., head_path: ...}``."""
     normalise_average: bool = False
     """Best-of-N by the mean of z-scored metrics instead of the paper's plain average."""
