@@ -31,9 +31,8 @@ def run_job(job: Callable[[Config], object], argv: list[str] | None = None, desc
     """Load the config from the command line and run ``job``; config errors exit with 2."""
     path, overrides = parse_args(sys.argv[1:] if argv is None else argv, description)
     try:
-        cfg = load_config(path, overrides)
+        job(load_config(path, overrides))
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    job(cfg)
     return 0

@@ -196,6 +196,13 @@ def save_pipeline(
     return out_dir
 
 
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU; any other name as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def _place(module: torch.nn.Module, device: str | torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """Move to ``device``; cast only when needed (diffusers warns on every dtype cast)."""
     module = module.to(device)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from spin_ray.diffusion import encode_prompt_ids, load_components, sample_latents, tokenize
+from spin_ray.diffusion import encode_prompt_ids, load_components, pick_device, sample_latents, tokenize
 from spin_ray.train_step import pair_errors
 
 SAMPLING_STREAM = 0
@@ -65,7 +65,7 @@ class OpponentGenerator:
 
     def __init__(self, spec: GeneratorSpec):
         self.spec = spec
-        self.device = _pick_device(spec.device)
+        self.device = pick_device(spec.device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" and spec.mixed_precision != "no" else torch.float32
         self.components = load_components(spec.model_path, local_files_only=True, device=self.device, dtype=self.dtype)
         self.components.unet.eval().requires_grad_(False)
@@ -108,12 +108,6 @@ class OpponentGenerator:
                 latents_syn.to(self.dtype), embeds, torch.tensor(noise_seeds), shared_noise=self.spec.shared_noise,
             )
         return mse_real.float().cpu().numpy(), mse_syn.float().cpu().numpy()
-
-
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def write_opponent_batch(opponents_dir: str, batch: dict[str, np.ndarray]) -> str:

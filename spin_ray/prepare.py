@@ -17,7 +17,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from spin_ray.diffusion import encode_images, encode_prompt_ids, image_to_tensor, load_components, tokenize
+from spin_ray.diffusion import (
+    encode_images,
+    encode_prompt_ids,
+    image_to_tensor,
+    load_components,
+    pick_device,
+    tokenize,
+)
 
 
 @dataclass(frozen=True)
@@ -34,8 +41,7 @@ class Encoder:
 
     def __init__(self, spec: EncoderSpec):
         self.spec = spec
-        self.device = torch.device("cuda" if spec.device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if spec.device == "auto" else spec.device))
+        self.device = pick_device(spec.device)
         self.components = load_components(spec.model_path, local_files_only=True, device=self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
