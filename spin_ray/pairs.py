@@ -84,6 +84,9 @@ def spin_pairs(samples, spec: GeneratorSpec, *, batch_size: int, num_actors: int
     files, done_ids = cached_opponent_files(spec.opponents_dir) if spec.opponents_dir else ([], None)
     if len(files):
         samples = samples.map_batches(_without_ids, fn_kwargs={"done_ids": done_ids}, batch_format="numpy")
+    # One generator batch per block: Ray Data streams whole blocks, so a block of a prepared
+    # parquet file (thousands of rows) would hold the trainer back until all of it was generated.
+    samples = samples.repartition(target_num_rows_per_block=batch_size)
     fresh = samples.map_batches(
         OpponentGenerator,
         fn_constructor_args=(spec,),

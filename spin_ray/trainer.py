@@ -10,6 +10,7 @@ so every rank reports at the same optimizer steps.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -82,8 +83,22 @@ def train_loop_per_worker(config: dict) -> None:
     batches = ray.train.get_dataset_shard("train").iter_torch_batches(
         batch_size=plan.batch_size, drop_last=True, device=device,
     )
+    _run_steps(plan, state, batches, runner, unet, optimizer, lr_scheduler,
+               rank=context.get_world_rank(), device=device)
+
+
+def _run_steps(plan: TrainPlan, state: dict, batches, runner, unet, optimizer, lr_scheduler, *,
+               rank: int, device: torch.device) -> None:
+    """Optimizer steps ``state["step"] + 1 .. plan.steps`` over this worker's micro-batches.
+
+    A resumed run skips the micro-batches it trained on before its checkpoint. A step whose
+    loss or gradient is not finite is skipped, counted and logged (:func:`_count_nonfinite`);
+    ``plan.max_nonfinite_steps`` of them in a row raise before anything is reported, so the
+    last checkpoint keeps the last finite weights.
+    """
     skip = state["step"] * plan.gradient_accumulation_steps
     micro = 0
+    loss_finite = True
     window = _Window()
     for columns in batches:
         state.setdefault("first_batch_time", time.time())
@@ -94,16 +109,16 @@ def train_loop_per_worker(config: dict) -> None:
             continue
         metrics = runner.forward_backward(columns)
         window.add(metrics, plan.batch_size)
+        loss_finite = loss_finite and math.isfinite(metrics["loss"])
         micro += 1
         if micro % plan.gradient_accumulation_steps:
             continue
-        applied = _optimizer_step(unet, optimizer, lr_scheduler, plan.max_grad_norm)
-        state["nonfinite_in_a_row"] = 0 if applied else state["nonfinite_in_a_row"] + 1
-        state["nonfinite_total"] += 0 if applied else 1
+        applied = _optimizer_step(unet, optimizer, lr_scheduler, plan.max_grad_norm,
+                                  loss_finite=_on_every_rank(loss_finite, device))
+        loss_finite = True
         state["step"] += 1
-        if state["nonfinite_in_a_row"] >= plan.max_nonfinite_steps:
-            raise NonFiniteError(f"{state['nonfinite_in_a_row']} consecutive non-finite steps at step {state['step']}")
-        _maybe_report(plan, state, window, lr_scheduler, unet, optimizer, context.get_world_rank())
+        _count_nonfinite(state, applied, plan.max_nonfinite_steps, rank)
+        _maybe_report(plan, state, window, lr_scheduler, unet, optimizer, rank)
 
 
 def _load_models(plan: TrainPlan, device: torch.device):
@@ -156,10 +171,11 @@ def _as_pair_batch(columns: dict[str, torch.Tensor], plan: TrainPlan) -> PairBat
     return PairBatch.from_columns(columns)
 
 
-def _optimizer_step(unet, optimizer, lr_scheduler, max_grad_norm: float) -> bool:
-    """Clip and step; a non-finite gradient skips the update. Returns whether it was applied."""
+def _optimizer_step(unet, optimizer, lr_scheduler, max_grad_norm: float, *, loss_finite: bool = True) -> bool:
+    """Clip and step; a non-finite loss or gradient skips the update (parameters and optimizer
+    state stay as they were; the learning-rate schedule still advances). Returns whether it was applied."""
     params = [p for p in unet.parameters() if p.requires_grad]
-    finite = gradients_finite(params)
+    finite = loss_finite and gradients_finite(params)
     if finite:
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -167,6 +183,37 @@ def _optimizer_step(unet, optimizer, lr_scheduler, max_grad_norm: float) -> bool
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return finite
+
+
+def _on_every_rank(flag: bool, device: torch.device) -> bool:
+    """``flag`` and-ed over all training workers: a loss is per rank, but every rank must skip
+    the same steps (gradients are all-reduced already, so they agree by themselves)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def _count_nonfinite(state: dict, applied: bool, max_in_a_row: int, rank: int) -> None:
+    """Update the non-finite step counters in ``state``; log a skipped step; raise
+    :class:`NonFiniteError` when ``max_in_a_row`` steps in a row were skipped."""
+    if applied:
+        state["nonfinite_in_a_row"] = 0
+        return
+    state["nonfinite_in_a_row"] += 1
+    state["nonfinite_total"] += 1
+    counts = {key: state[key] for key in ("step", "nonfinite_in_a_row", "nonfinite_total")}
+    if rank == 0:
+        print(json.dumps({"train_skipped_nonfinite_step": counts}), flush=True)
+    if state["nonfinite_in_a_row"] >= max_in_a_row:
+        raise NonFiniteError(
+            f"{state['nonfinite_in_a_row']} optimizer steps in a row had a non-finite loss or gradient "
+            f"(last at step {state['step']}, train.max_nonfinite_steps={max_in_a_row}); "
+            "the last checkpoint holds the last finite weights"
+        )
 
 
 class _Window:

@@ -156,13 +156,15 @@ def test_scorer_options_from_the_config_strings_become_numbers():
 # ----------------------------------------------------------------------------- config errors
 
 
-def test_run_evaluation_without_models_names_the_key_before_starting_ray():
-    import ray
+def test_run_evaluation_without_models_names_the_key_before_starting_ray(monkeypatch):
+    import spin_ray.ray_session
 
+    started = []
+    monkeypatch.setattr(spin_ray.ray_session, "ensure_ray", lambda *a, **k: started.append(a))
     cfg = load_config(None, ["eval.prompts=toy"])
     with pytest.raises(ConfigError, match="eval.models"):
         eval_run.run_evaluation(cfg)
-    assert not ray.is_initialized()
+    assert started == []
 
 
 def test_unknown_scorers_and_missing_prompts_are_config_errors(tiny_pipeline_dir):

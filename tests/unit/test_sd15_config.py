@@ -70,7 +70,9 @@ def test_generation_and_training_are_placed_on_separate_gpu_node_types(cfg):
 def test_evaluation_uses_the_papers_four_scorers_each_with_weights(cfg):
     assert cfg.eval.enabled
     assert sorted(cfg.eval.scorers) == ["aesthetic", "hpsv2", "imagereward", "pickscore"]
-    assert set(cfg.eval.scorer_paths) == set(cfg.eval.scorers)
+    # Each scorer names its weights: one path, or (the aesthetic predictor) CLIP dir plus head.
+    assert set(cfg.eval.scorer_paths) | set(cfg.eval.scorer_options) == set(cfg.eval.scorers)
+    assert {"clip_path", "head_path"} <= set(cfg.eval.scorer_options["aesthetic"])
     assert "test_unique" in cfg.eval.prompts
     assert cfg.eval.guidance_scale == 7.5 and cfg.eval.num_images_per_prompt == 5
 
