@@ -1,0 +1,968 @@
+"""Ray Tune sweeps over self-play hyperparameters: per-iteration search and population-based self-play.
+
+A sweep is a normal config plus a top-level ``sweep:`` section (:class:`SweepConfig`). Its
+``space`` is written with the same dotted keys as command-line overrides::
+
+    sweep:
+      mode: grid                        # or pbt
+      metric: toy                       # a scorer of spin_ray.rewards, or "average"
+      space:
+        loss.beta: {grid: [2000, 5000]}
+        train.lr: {loguniform: [1.0e-6, 1.0e-4]}
+        train.steps: {choice: [50, 200, 500]}
+
+``mode: grid`` (per-iteration search). For each self-play iteration k, every trial trains
+theta_k from the same theta_{k-1} with its own hyperparameters (grid points x
+``num_samples`` draws of the random keys), all reading one shared, once-generated set of
+theta_{k-1}'s opponents. Each trial is scored on held-out prompts (never by its training
+loss, which is not comparable across beta); the best trial's model is published as
+``iter_<k>/model`` and is the opponent and starting point of iteration k+1.
+
+``mode: pbt`` (population-based self-play). Each trial runs the whole self-play loop and
+reports the held-out score after every iteration with a checkpoint (a pointer to its
+model). Ray Tune's ``PopulationBasedTraining`` (synchronous) replaces the worst trials by
+clones of the best: a clone continues from the winner's model, which becomes its next
+opponent, with perturbed hyperparameters. The final winner's lineage is published as
+``iter_1/model`` ... ``iter_K/model``.
+
+Each trial is a Ray Tune function trainable that builds and fits its own ``TorchTrainer``
+(through :func:`spin_ray.self_play.run_stage`, the Ray Train V2 pattern). Layout::
+
+    <run_dir>/sweep/sweep.json                 the search (to refuse resuming another one)
+    <run_dir>/sweep/iter_<k>/opponent.json     theta_{k-1} that the trials played against
+    <run_dir>/sweep/iter_<k>/opponents/        its opponents, generated once for all trials
+    <run_dir>/sweep/iter_<k>/trial_<id>/       one trial: model/, train/, eval/, metrics.json, score.json
+    <run_dir>/sweep/iter_<k>/tune/             Ray Tune's experiment state (grid mode)
+    <run_dir>/sweep/iter_<k>/trials.md         table of trials: hyperparameters, score, winner
+    <run_dir>/sweep/iter_<k>/beta_vs_metric.png
+    <run_dir>/sweep/iter_<k>/winner.json
+    <run_dir>/sweep/pbt/trial_<id>/iter_<k>/   pbt mode: one trial's iteration k (+ lineage.json)
+    <run_dir>/sweep/pbt/tune/                  Ray Tune's experiment state (pbt mode)
+    <run_dir>/iter_<k>/model, metrics.json, config.yaml, DONE   the published theta_k, as jobs/self_play.py writes it
+
+Rerunning the same sweep resumes it: published iterations are skipped, Ray Tune restores an
+unfinished experiment (``Tuner.restore(..., resume_errored=True)``), finished trials keep
+their results and unfinished ones resume from their Ray Train checkpoints. A failed trial
+does not stop the sweep; it is listed with its error and never wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import json
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spin_ray.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    dump_config,
+    from_dict,
+    get_by_path,
+    load_yaml,
+    parse_override,
+    per_iteration,
+    with_overrides,
+)
+from spin_ray.rundir import RunDir
+from spin_ray.self_play import (
+    SFT_BASELINE,
+    Prepared,
+    ensure_prepared,
+    generate_opponents,
+    resolve_base_model,
+    run_stage,
+    samples_per_iteration,
+)
+
+SWEEP_DIR = "sweep"
+PBT_DIR = f"{SWEEP_DIR}/pbt"
+TUNE_NAME = "tune"
+SCORE_FILE = "score.json"
+LINEAGE_FILE = "lineage.json"
+POINTER_FILE = "model.json"
+TRIALS_TABLE = "trials.md"
+BETA_PLOT = "beta_vs_metric.png"
+WINNER_FILE = "winner.json"
+BASE = "base"
+"""Opponent name of iteration 1: theta_0, the base model."""
+ITERATION_KEY = "self_play_iteration"
+"""Reported with every result; PBT's time attribute."""
+AVERAGE_METRIC = "average"
+
+SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform")
+SWEEP_MODES = ("grid", "pbt")
+FIXED_KEYS = (
+    "run_dir", "seed", "model", "data", "generation", "self_play", "eval", "cluster",
+    "loss.reference", "loss.shared_noise", "train.mixed_precision",
+)
+"""Keys a sweep may not vary: its trials share the prepared data, the generated opponents
+and the evaluation protocol, which these keys define."""
+SAMPLE_KEYS = ("train.steps", "train.batch_size", "train.gradient_accumulation_steps", "train.num_workers")
+"""Keys that change how many samples an iteration trains on (and so how many opponents it needs)."""
+DEFAULT_RESOURCES = {"cpu": 0.0}
+"""A trial only drives its TorchTrainer and Ray Data actors, which ask for their own CPUs and
+GPUs; a trial holding a CPU share can starve them on a small machine (DESIGN.md, Ray facts)."""
+MAX_CONCURRENT_TRIALS = 64
+"""Above this, 1/max_concurrent_trials of a resource loses its meaning at Ray's precision (1e-4)."""
+
+_ITERATION_DIR = re.compile(r"^iter_(\d+)$")
+
+
+class SweepError(RuntimeError):
+    """A sweep cannot go on (e.g. every trial of an iteration failed)."""
+
+
+# ----------------------------------------------------------------------------- the sweep section
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched key: ``grid``/``choice`` over ``values``, or ``uniform``/``loguniform``
+    over ``values = (low, high)``."""
+
+    kind: str
+    values: tuple[Any, ...]
+
+    @property
+    def discrete(self) -> bool:
+        return self.kind in ("grid", "choice")
+
+    def to_tune(self) -> Any:
+        """The Ray Tune search-space entry (``tune.grid_search``, ``tune.choice``, ...)."""
+        from ray import tune
+
+        if self.kind == "grid":
+            return tune.grid_search(list(self.values))
+        if self.kind == "choice":
+            return tune.choice(list(self.values))
+        low, high = self.values
+        return tune.uniform(low, high) if self.kind == "uniform" else tune.loguniform(low, high)
+
+    def to_mutation(self) -> Any:
+        """PBT's ``hyperparam_mutations`` entry: a list (shift to a neighbour or resample) or a
+        continuous domain (multiply by 0.8 or 1.2, or resample)."""
+        return list(self.values) if self.discrete else self.to_tune()
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The ``sweep:`` section of a sweep config."""
+
+    mode: str = "grid"
+    """``grid``: per-iteration search; ``pbt``: population-based self-play."""
+    metric: str = "toy"
+    """The held-out score trials are ranked by (higher is better): a scorer name of
+    :func:`spin_ray.rewards.load_scorer`, or ``average`` (the mean over ``eval.scorers``).
+    Best-of-``eval.num_images_per_prompt`` mean over the first prompt set of ``eval.prompts``."""
+    space: dict[str, Dimension] = field(default_factory=dict)
+    """Dotted config key -> ``{grid|choice|uniform|loguniform: [...]}``."""
+    num_samples: int = 1
+    """Ray Tune ``num_samples``: each grid point is repeated with this many draws of the random keys."""
+    max_concurrent_trials: int = 1
+    """Trials running at once; each runs its own TorchTrainer and Ray Data actors."""
+    resources_per_trial: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
+    """What the trial process itself reserves (``cpu``, ``gpu``, ``memory`` bytes, custom),
+    besides its share of the head node (:func:`trial_resources`)."""
+    perturbation_interval: int = 1
+    """pbt: self-play iterations between exploit/explore steps."""
+    quantile_fraction: float = 0.25
+    """pbt: share of the population cloned from (top) and replaced (bottom)."""
+    resample_probability: float = 0.25
+    """pbt: chance that a perturbed key is drawn afresh instead of shifted/scaled."""
+    seed: int = 0
+    """Seed of the random search draws and of PBT's choices."""
+
+    def search_signature(self) -> dict[str, Any]:
+        """What defines the search (resuming a run dir with another one is refused)."""
+        return {
+            "mode": self.mode, "metric": self.metric, "num_samples": self.num_samples, "seed": self.seed,
+            "space": {key: {dim.kind: list(dim.values)} for key, dim in self.space.items()},
+        }
+
+
+_SWEEP_FIELDS = {f.name for f in dataclasses.fields(SweepConfig)}
+
+
+def parse_sweep(values: Mapping[str, Any], cfg: Config) -> SweepConfig:
+    """Build a :class:`SweepConfig` from the ``sweep:`` mapping and check every searched
+    value against ``cfg`` (a value the config would reject fails here, naming its key)."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"sweep: expected a mapping, got {values!r}")
+    for name in values:
+        if name not in _SWEEP_FIELDS:
+            raise ConfigError(_unknown(f"sweep.{name}", str(name), sorted(_SWEEP_FIELDS), "sweep."))
+    kwargs = {name: value for name, value in values.items() if name != "space"}
+    kwargs = {name: _check_field(name, value) for name, value in kwargs.items()}
+    space = values.get("space") or {}
+    if not isinstance(space, Mapping) or not space:
+        raise ConfigError("sweep.space: expected a mapping of dotted config keys to "
+                          "{grid|choice|uniform|loguniform: [...]}, e.g. loss.beta: {grid: [2000, 5000]}")
+    kwargs["space"] = {str(key): _parse_dimension(str(key), spec, cfg) for key, spec in space.items()}
+    return SweepConfig(**kwargs)
+
+
+def _check_field(name: str, value: Any) -> Any:
+    key = f"sweep.{name}"
+    if name == "mode":
+        if value not in SWEEP_MODES:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(SWEEP_MODES)}")
+        return value
+    if name == "metric":
+        from spin_ray.rewards import SCORER_NAMES
+
+        if value not in (*SCORER_NAMES, AVERAGE_METRIC):
+            raise ConfigError(f"{key}: {value!r} is not a scorer ({', '.join(SCORER_NAMES)}) or {AVERAGE_METRIC!r}")
+        return value
+    if name == "resources_per_trial":
+        return _check_resources(value)
+    if name == "max_concurrent_trials" and _is_int(value) and value > MAX_CONCURRENT_TRIALS:
+        raise ConfigError(f"{key}: at most {MAX_CONCURRENT_TRIALS}, got {value!r}")
+    if name in ("num_samples", "max_concurrent_trials", "perturbation_interval"):
+        if not _is_int(value) or value < 1:
+            raise ConfigError(f"{key}: expected an integer >= 1, got {value!r}")
+        return value
+    if name == "seed":
+        if not _is_int(value):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    number = _number(value, key)
+    if name == "quantile_fraction" and not 0.0 < number <= 0.5:
+        raise ConfigError(f"{key}: must be in (0, 0.5], got {value!r}")
+    if name == "resample_probability" and not 0.0 <= number <= 1.0:
+        raise ConfigError(f"{key}: must be in [0, 1], got {value!r}")
+    return number
+
+
+def _check_resources(value: Any) -> dict[str, float]:
+    key = "sweep.resources_per_trial"
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: expected a mapping such as {{cpu: 0}} or {{cpu: 1, gpu: 1}}, got {value!r}")
+    resources = {str(name): _number(amount, f"{key}.{name}") for name, amount in value.items()}
+    if any(amount < 0 for amount in resources.values()):
+        raise ConfigError(f"{key}: amounts must be >= 0, got {resources}")
+    if any(name.startswith("node:") for name in resources):
+        raise ConfigError(f"{key}: 'node:' resources are set by the sweep from sweep.max_concurrent_trials")
+    return resources
+
+
+def trial_resources(sweep: SweepConfig, head_resource: str) -> dict[str, float]:
+    """What each trial process reserves: ``resources_per_trial`` plus 1/max_concurrent_trials
+    (rounded down to Ray's precision, 1e-4) of ``head_resource``, the ``node:<head ip>``
+    resource (1.0 on the head node).
+
+    This caps the running trials and places the light trial processes on the head node.
+    Tune's own ``max_concurrent_trials`` cannot serve: it caps the trials that exist, paused
+    ones included, which would shrink a PBT population to that number. ``node:__internal_head__``
+    cannot serve either: Ray Train's helper actors take 0.001 of it, and would wait forever.
+    """
+    share = math.floor(1e4 / sweep.max_concurrent_trials) / 1e4
+    return {**sweep.resources_per_trial, head_resource: share}
+
+
+def head_node_resource() -> str:
+    """The ``node:<ip>`` resource of the running Ray cluster's head node."""
+    import ray
+
+    for node in ray.nodes():
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+            return f"node:{node['NodeManagerAddress']}"
+    raise SweepError("no live head node in the Ray cluster (no node offers 'node:__internal_head__')")
+
+
+def _parse_dimension(key: str, spec: Any, cfg: Config) -> Dimension:
+    where = f"sweep.space.{key}"
+    for fixed in FIXED_KEYS:
+        if key == fixed or key.startswith(fixed + "."):
+            raise ConfigError(f"{where}: {fixed!r} keys cannot be searched: all trials share the prepared "
+                              "data, the generated opponents and the evaluation they define")
+    _check_key(key, cfg, where)
+    if not isinstance(spec, Mapping) or len(spec) != 1:
+        raise ConfigError(f"{where}: expected exactly one of {{grid|choice|uniform|loguniform: [...]}}, got {spec!r}")
+    ((kind, values),) = spec.items()
+    if kind not in SEARCH_KINDS:
+        raise ConfigError(f"{where}: unknown search kind {kind!r}; expected one of {', '.join(SEARCH_KINDS)}")
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{where}.{kind}: expected a non-empty list, got {values!r}")
+    if kind in ("uniform", "loguniform"):
+        values = _bounds(where, kind, values)
+    for value in values:
+        try:
+            with_overrides(cfg, {key: value})
+        except ConfigError as err:
+            raise ConfigError(f"{where}: the value {value!r} is not valid for this key: {err}") from None
+    return Dimension(kind=kind, values=tuple(values))
+
+
+def _check_key(key: str, cfg: Config, where: str) -> None:
+    """An unknown key fails with config.py's message (it suggests the closest key)."""
+    try:
+        get_by_path(cfg, key)
+    except AttributeError:
+        try:
+            with_overrides(cfg, {key: None})
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+
+
+def _bounds(where: str, kind: str, values: list[Any]) -> list[float]:
+    if len(values) != 2:
+        raise ConfigError(f"{where}.{kind}: expected [low, high], got {values!r}")
+    low, high = (_number(v, f"{where}.{kind}") for v in values)
+    if not low < high:
+        raise ConfigError(f"{where}.{kind}: low must be below high, got {values!r}")
+    if kind == "loguniform" and low <= 0:
+        raise ConfigError(f"{where}.{kind}: bounds must be positive, got {values!r}")
+    return [low, high]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any, key: str) -> float:
+    if isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise ConfigError(f"{key}: expected a number, got {value!r}")
+
+
+def _unknown(key: str, name: str, known: Sequence[str], prefix: str) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean {prefix + close[0]!r}?" if close else f"valid keys: {', '.join(known)}"
+    return f"unknown sweep key {key!r}; {hint}"
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``key=value`` overrides -> (those of the ``sweep.`` section, those of the config)."""
+    sweep = [text for text in overrides if text.split("=", 1)[0].strip().startswith("sweep.")]
+    return sweep, [text for text in overrides if text not in sweep]
+
+
+def apply_sweep_overrides(section: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set ``sweep.<field>=value``, ``sweep.resources_per_trial.<name>=value`` and
+    ``sweep.space.<dotted config key>={grid: [...]}`` in a copy of the section."""
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"sweep: expected a mapping, got {section!r}")
+    result = json.loads(json.dumps(section))
+    for text in overrides:
+        key, value = parse_override(text)
+        path = key[len("sweep."):]
+        name, _, rest = path.partition(".")
+        if name not in _SWEEP_FIELDS:
+            raise ConfigError(_unknown(key, name, sorted(_SWEEP_FIELDS), "sweep."))
+        if not rest:
+            result[name] = value
+        elif name in ("space", "resources_per_trial"):
+            result.setdefault(name, {})[rest] = value
+        else:
+            raise ConfigError(f"override {text!r}: sweep.{name} is not a section; cannot set {key!r}")
+    return result
+
+
+def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Config, SweepConfig]:
+    """Read a sweep config: the YAML's ``sweep:`` section becomes a :class:`SweepConfig`, the
+    rest a :class:`Config`; ``sweep.*`` overrides go to the first, all others to the second."""
+    values = load_yaml(path)
+    section = values.pop("sweep", None)
+    sweep_overrides, config_overrides = split_overrides(overrides)
+    if section is None and not sweep_overrides:
+        raise ConfigError(f"{path}: no top-level 'sweep:' section; see configs/sweep_beta.yaml for one")
+    try:
+        cfg = from_dict(apply_overrides(values, config_overrides))
+        sweep = parse_sweep(apply_sweep_overrides(section or {}, sweep_overrides), cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return cfg, sweep
+
+
+# ----------------------------------------------------------------------------- trials and winners
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """One trial's result in one self-play iteration."""
+
+    trial_id: str
+    params: dict[str, Any]
+    """The searched keys' values (dotted key -> value)."""
+    score: float | None
+    """Held-out ``sweep.metric``; None when the trial failed before scoring."""
+    error: str | None = None
+    model: str | None = None
+    """Run-dir-relative directory of the trained model."""
+    opponent: str | None = None
+    """Run-dir-relative model directory of the opponent (``base`` for theta_0)."""
+    beta: float | None = None
+    """The beta this trial trained with (searched or from the config)."""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.score is not None and math.isfinite(self.score)
+
+
+def select_winner(rows: Sequence[TrialRow]) -> TrialRow:
+    """The trial with the highest score; failed trials never win; a tie goes to the first row."""
+    valid = [row for row in rows if row.ok]
+    if not valid:
+        errors = "; ".join(f"trial {row.trial_id}: {row.error or 'no score'}" for row in rows) or "no trials ran"
+        raise SweepError(f"no trial finished with a score ({errors})")
+    return max(valid, key=lambda row: row.score)
+
+
+def lineage_chain(rows_by_iteration: Mapping[int, Sequence[TrialRow]], final: TrialRow, iterations: int
+                  ) -> dict[int, TrialRow]:
+    """The models the final winner descends from: iteration k -> the row whose model was the
+    opponent (and starting point) of iteration k+1's member, back to iteration 1."""
+    chain = {iterations: final}
+    for k in range(iterations, 1, -1):
+        parent = next((row for row in rows_by_iteration.get(k - 1, []) if row.model == chain[k].opponent), None)
+        if parent is None:
+            raise SweepError(f"iteration {k}: the opponent {chain[k].opponent!r} of trial {chain[k].trial_id} "
+                             f"is not among iteration {k - 1}'s scored models")
+        chain[k - 1] = parent
+    return dict(sorted(chain.items()))
+
+
+def trials_markdown(rows: Sequence[TrialRow], winner: TrialRow, metric: str, iteration: int,
+                    published: TrialRow | None = None) -> str:
+    """The per-iteration table: one row per trial with its hyperparameters, score and status.
+
+    ``published`` (pbt: the final winner's lineage) is marked when it is not the best trial.
+    """
+    keys = list(dict.fromkeys(key for row in rows for key in row.params))
+    header = ["trial", *keys, "beta", metric, "status"]
+    lines = [f"# Iteration {iteration}: {len(rows)} trials, ranked by held-out {metric}", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        status = "failed: " + (row.error or "no score") if not row.ok else ""
+        if row.trial_id == winner.trial_id:
+            status = "**winner**"
+        if published is not None and row.trial_id == published.trial_id and published.trial_id != winner.trial_id:
+            status = (status + " published").strip()
+        cells = [row.trial_id, *(_fmt(row.params.get(key)) for key in keys), _fmt(row.beta),
+                 _fmt(row.score) if row.score is not None else "-", status.replace("|", "/")]
+        lines.append("| " + " | ".join(cells) + " |")
+    chosen = published or winner
+    lines += ["", f"Winner: trial {winner.trial_id}, {metric} = {_fmt(winner.score)}.",
+              f"Published as iter_{iteration}/model: trial {chosen.trial_id} ({chosen.model})."]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "-" if value is None else str(value)
+
+
+def plot_beta_vs_metric(rows: Sequence[TrialRow], winner: TrialRow, metric: str, iteration: int,
+                        out_path: str | Path) -> Path:
+    """Scatter plot of each scored trial's ``metric`` against its beta; the winner is starred."""
+    from matplotlib.figure import Figure
+
+    scored = [row for row in rows if row.ok and row.beta is not None]
+    figure = Figure(figsize=(5.0, 3.5), dpi=100, layout="constrained")
+    axis = figure.subplots()
+    axis.scatter([row.beta for row in scored], [row.score for row in scored], label="trials")
+    if winner.beta is not None:
+        axis.scatter([winner.beta], [winner.score], marker="*", s=200, color="tab:red", label="winner")
+    betas = [row.beta for row in scored if row.beta > 0]
+    if betas and max(betas) / min(betas) >= 10:
+        axis.set_xscale("log")
+    axis.set_xlabel("beta")
+    axis.set_ylabel(f"held-out {metric}")
+    axis.set_title(f"iteration {iteration}: {metric} vs beta")
+    axis.legend(fontsize=8)
+    path = Path(out_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
+def rows_from_results(results: Iterable[Any], metric: str) -> list[TrialRow]:
+    """TrialRows from Ray Tune results (``ResultGrid`` items: ``path``, ``config``, ``metrics``,
+    ``error``), sorted by trial id; a failed trial keeps the last line of its error (the exception)."""
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        error = None
+        if result.error is not None:
+            error = (str(result.error).strip().splitlines() or [type(result.error).__name__])[-1]
+        score = metrics.get(metric) if error is None else None
+        rows.append(TrialRow(
+            trial_id=str(metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_")),
+            params=_plain(dict(result.config or {})), score=None if score is None else float(score), error=error,
+            model=metrics.get("model"), opponent=metrics.get("opponent"), beta=metrics.get("beta"),
+        ))
+    return sorted(rows, key=lambda row: row.trial_id)
+
+
+def _plain(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Tune may hand numpy scalars; the config and JSON want Python numbers."""
+    return {key: value.item() if hasattr(value, "item") else value for key, value in params.items()}
+
+
+def max_samples(cfg: Config, space: Mapping[str, Dimension], iteration: int) -> int:
+    """The most samples any trial of ``iteration`` trains on: the shared opponents cover it,
+    and a trial that needs fewer reads a prefix (the sample table is the same prefix-wise)."""
+    keys = [key for key in SAMPLE_KEYS if key in space]
+    combos = itertools.product(*(space[key].values for key in keys))
+    return max(samples_per_iteration(with_overrides(cfg, dict(zip(keys, combo, strict=True))), iteration)
+               for combo in combos)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def score_model(cfg: Config, rundir: RunDir, eval_rel: str, model_rel: str, metric: str) -> float:
+    """Held-out score of one model (higher is better).
+
+    ``eval.num_images_per_prompt`` images for each prompt of the first ``eval.prompts`` set
+    (at most ``eval.max_prompts``), from fixed seeds (``eval.seed``), ``eval.num_inference_steps``
+    DDIM steps and ``eval.guidance_scale``; best-of-N per prompt, then the mean of ``metric``
+    over prompts (the paper's protocol, :mod:`spin_ray.evaluation`). The Ray Data pipeline of
+    :mod:`spin_ray.eval_run` generates and scores (on ``eval.gpus_per_actor`` GPUs); the scores
+    are cached in ``eval_rel``.
+    """
+    from spin_ray import eval_run, evaluation
+    from spin_ray.prompts import load_prompts
+
+    scorers = list(cfg.eval.scorers) if metric == AVERAGE_METRIC else [metric]
+    scoring_cfg = with_overrides(cfg, {"eval.scorers": scorers})
+    prompts = load_prompts(eval_run.prompt_set_paths(cfg.eval.prompts)[0], cfg.eval.max_prompts)
+    table = eval_run.model_scores(scoring_cfg, rundir, eval_rel, rundir.path(model_rel), prompts)
+    scores = eval_run.gather_scores(table.to_pydict(), scorers, len(prompts), cfg.eval.num_images_per_prompt)
+    result = evaluation.evaluate_models({"model": scores}, normalise=cfg.eval.normalise_average)["model"]
+    return float(result.summary[evaluation.AVERAGE if metric == AVERAGE_METRIC else metric].mean)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+@dataclass
+class SweepResult:
+    """What a sweep produced: the published models and each iteration's winner."""
+
+    run_dir: str
+    models: dict[str, str] = field(default_factory=dict)
+    """base, (sft,) iter_1, ..., iter_K -> local model directory."""
+    winners: dict[int, TrialRow] = field(default_factory=dict)
+    """Iteration -> the trial whose model became ``iter_<k>/model``."""
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """What every trial of a sweep needs; picklable (Ray Tune ships it with the trainable)."""
+
+    cfg: Config
+    sweep: SweepConfig
+    rundir: RunDir
+    base_model: str
+    prepared: Prepared
+
+
+def run_sweep(cfg: Config, sweep: SweepConfig) -> SweepResult:
+    """Run (or resume) the sweep: per-iteration search (``grid``) or population-based self-play (``pbt``)."""
+    from spin_ray.ray_session import ensure_ray
+
+    cfg = _absolute_paths(cfg)
+    rundir = RunDir(cfg.run_dir)
+    _claim_run_dir(rundir, sweep)
+    rundir.write_text_atomic("config.yaml", dump_config(cfg))
+    ensure_ray(cfg.cluster.address)
+    base_model = os.path.abspath(resolve_base_model(cfg, rundir))
+    shared = _Shared(cfg=cfg, sweep=sweep, rundir=rundir, base_model=base_model,
+                     prepared=ensure_prepared(cfg, rundir, base_model))
+    result = SweepResult(run_dir=cfg.run_dir, models={BASE: base_model})
+    if cfg.self_play.sft_baseline:
+        result.models["sft"] = run_stage(cfg, rundir, SFT_BASELINE, model_path=base_model, base_model=base_model,
+                                         prepared=shared.prepared, iteration=1, loss_type="sft")
+    if sweep.mode == "pbt":
+        result.winners = _run_pbt(shared)
+    else:
+        for k in range(1, cfg.self_play.iterations + 1):
+            result.winners[k] = _search_iteration(shared, k)
+    for k in range(1, cfg.self_play.iterations + 1):
+        result.models[f"iter_{k}"] = rundir.local_copy(f"iter_{k}/model")
+    if cfg.eval.enabled:
+        from spin_ray.eval_run import evaluate_models
+
+        evaluate_models(cfg, rundir, result.models)
+    return result
+
+
+DEFAULT_SWEEP_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sweep_beta.yaml"
+
+
+def run_sweep_job(argv: Sequence[str] | None = None) -> int:
+    """``python jobs/sweep.py [--config FILE] [key=value ...]``; config errors exit with 2."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=DEFAULT_SWEEP_CONFIG,
+                        help="a config with a sweep: section (default: configs/sweep_beta.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted keys of the config or of the sweep section, e.g. train.lr=1e-5 "
+                             "sweep.max_concurrent_trials=2 'sweep.space.loss.beta={grid: [2000, 5000]}'")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        cfg, sweep = load_sweep(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    result = run_sweep(cfg, sweep)
+    for k, winner in sorted(result.winners.items()):
+        print(f"iteration {k}: trial {winner.trial_id} won with {sweep.metric} = {_fmt(winner.score)} "
+              f"({_fmt_params(winner.params)}) -> {result.models[f'iter_{k}']}", flush=True)
+    return 0
+
+
+def _fmt_params(params: Mapping[str, Any]) -> str:
+    return ", ".join(f"{key}={_fmt(value)}" for key, value in params.items())
+
+
+def _absolute_paths(cfg: Config) -> Config:
+    """Tune runs each trial in its own working directory: make local paths absolute."""
+    changes = {}
+    for key, value in {"run_dir": cfg.run_dir, "model.pretrained": cfg.model.pretrained,
+                       "data.path": cfg.data.path}.items():
+        if value and value != "toy" and "://" not in value and (key == "run_dir" or Path(value).expanduser().exists()):
+            changes[key] = os.path.abspath(Path(value).expanduser())
+    prompts = cfg.eval.prompts if isinstance(cfg.eval.prompts, list) else [cfg.eval.prompts]
+    if any(p and Path(p).expanduser().exists() for p in prompts):
+        absolute = [os.path.abspath(Path(p).expanduser()) if p and Path(p).expanduser().exists() else p
+                    for p in prompts]
+        changes["eval.prompts"] = absolute if isinstance(cfg.eval.prompts, list) else absolute[0]
+    return with_overrides(cfg, changes) if changes else cfg
+
+
+def _claim_run_dir(rundir: RunDir, sweep: SweepConfig) -> None:
+    """Record the search; refuse to resume a run dir that holds a different one."""
+    rel = f"{SWEEP_DIR}/sweep.json"
+    signature = json.loads(json.dumps(sweep.search_signature()))
+    if rundir.exists(rel):
+        stored = rundir.read_json(rel)
+        if stored != signature:
+            raise ConfigError(f"sweep: {rundir.path(rel)} records another search ({json.dumps(stored)}); "
+                              f"resuming needs the same mode, metric, space, num_samples and seed, or a new run_dir")
+        return
+    rundir.write_json_atomic(rel, signature)
+
+
+def _run_tuner(trainable: Any, shared: _Shared, *, storage_rel: str, param_space: dict[str, Any],
+               scheduler: Any = None, stop: dict[str, Any] | None = None, **parameters: Any):
+    """Fit a new Tune experiment in ``storage_rel/tune``, or restore and finish the one there.
+    ``trainable`` is called with each trial's config, ``shared`` and ``parameters``."""
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    sweep = shared.sweep
+    trainable = tune.with_resources(tune.with_parameters(trainable, shared=shared, **parameters),
+                                    trial_resources(sweep, head_node_resource()))
+    storage_path = shared.rundir.path(storage_rel)
+    experiment = f"{storage_path}/{TUNE_NAME}"
+    if tune.Tuner.can_restore(experiment):
+        print(f"[sweep] resuming the Ray Tune experiment in {experiment}", flush=True)
+        tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                num_samples=sweep.num_samples, scheduler=scheduler,
+                search_alg=BasicVariantGenerator(random_state=sweep.seed),
+                trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+            ),
+            run_config=tune.RunConfig(name=TUNE_NAME, storage_path=storage_path, stop=stop,
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=None)),
+        )
+    return tuner.fit()
+
+
+def _trial_name(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+# ----------------------------------------------------------------------------- per-iteration search
+
+
+def _search_iteration(shared: _Shared, k: int) -> TrialRow:
+    """Iteration k: trials train theta_k from theta_{k-1} on shared opponents; publish the best."""
+    rundir, sweep = shared.rundir, shared.sweep
+    rel, sweep_rel = f"iter_{k}", f"{SWEEP_DIR}/iter_{k}"
+    if rundir.is_done(rel) and rundir.last_done_iteration() >= k:
+        return _published_row(rundir, k)
+    opponent_rel = BASE if k == 1 else f"iter_{k - 1}/model"
+    _set_aside_if_stale(rundir, k, _opponent_identity(rundir, opponent_rel))
+    opponents_rel = f"{sweep_rel}/opponents"
+    _ensure_shared_opponents(shared, opponents_rel, opponent_rel, k)
+    results = _run_tuner(_grid_trial, shared, storage_rel=sweep_rel,
+                         param_space={key: dim.to_tune() for key, dim in sweep.space.items()}, iteration=k)
+    # A failed trial reported nothing: its beta comes from its hyperparameters.
+    rows = [row if row.beta is not None else dataclasses.replace(row, beta=_trial_beta(shared.cfg, row.params, k))
+            for row in rows_from_results(results, sweep.metric)]
+    winner = select_winner(rows)
+    _write_iteration_report(rundir, k, rows, winner, winner, sweep.metric)
+    _publish(shared, k, winner)
+    print(f"[sweep] iteration {k}: trial {winner.trial_id} wins with {sweep.metric} = {winner.score:.6g} "
+          f"({_fmt_params(winner.params)})", flush=True)
+    return winner
+
+
+def _published_row(rundir: RunDir, k: int) -> TrialRow:
+    """The winner of an already published iteration (one published by jobs/self_play.py has no sweep record)."""
+    winner_rel = f"{SWEEP_DIR}/iter_{k}/{WINNER_FILE}"
+    if rundir.exists(winner_rel):
+        return _row_from_json(rundir.read_json(winner_rel))
+    return TrialRow(trial_id="self_play", params={}, score=None, model=f"iter_{k}/model")
+
+
+def _opponent_identity(rundir: RunDir, opponent_rel: str) -> dict[str, Any]:
+    """Which theta_{k-1} an iteration plays against; a republished model gets a new publish id."""
+    if opponent_rel == BASE:
+        return {"opponent": BASE}
+    return {"opponent": opponent_rel, "publish_id": rundir.read_done(opponent_rel).get("publish_id")}
+
+
+def _set_aside_if_stale(rundir: RunDir, k: int, identity: dict[str, Any]) -> None:
+    """Trials of iteration k that played against another theta_{k-1} (an earlier iteration was
+    redone) are moved aside, never deleted; the same for a stale published iter_k."""
+    stamp = int(time.time())
+    sweep_rel = f"{SWEEP_DIR}/iter_{k}"
+    marker = f"{sweep_rel}/opponent.json"
+    if rundir.exists(sweep_rel) and (not rundir.exists(marker) or rundir.read_json(marker) != identity):
+        rundir.fs.mv(rundir.fs_path(sweep_rel), rundir.fs_path(f"{sweep_rel}.stale-{stamp}"), recursive=True)
+    if rundir.is_done(f"iter_{k}"):
+        rundir.fs.mv(rundir.fs_path(f"iter_{k}"), rundir.fs_path(f"iter_{k}.stale-{stamp}"), recursive=True)
+    if not rundir.exists(marker):
+        rundir.write_json_atomic(marker, identity)
+
+
+def _ensure_shared_opponents(shared: _Shared, opponents_rel: str, opponent_rel: str, k: int) -> None:
+    """Generate theta_{k-1}'s opponents once, for the trial that trains on the most samples."""
+    rundir = shared.rundir
+    if rundir.is_done(opponents_rel):
+        return
+    n_samples = max_samples(shared.cfg, shared.sweep.space, k)
+    started = time.time()
+    generate_opponents(shared.cfg, rundir, opponents_rel, model_path=_model_path(shared, opponent_rel),
+                       prepared=shared.prepared, iteration=k, n_samples=n_samples)
+    rundir.mark_done(opponents_rel, {"n_samples": n_samples, "opponent": opponent_rel,
+                                     "seconds": time.time() - started})
+    print(f"[sweep] iteration {k}: generated {n_samples} opponents of {opponent_rel} for all trials "
+          f"in {time.time() - started:.1f}s", flush=True)
+
+
+def _model_path(shared: _Shared, model_rel: str) -> str:
+    return shared.base_model if model_rel == BASE else shared.rundir.local_copy(model_rel)
+
+
+def _grid_trial(config: dict[str, Any], shared: _Shared, iteration: int) -> None:
+    """Ray Tune trainable: train theta_k (k = ``iteration``) with this trial's hyperparameters, score it, report."""
+    from ray import tune
+
+    _quiet_data_progress()
+    k, params = iteration, _plain(config)
+    trial_id = tune.get_context().get_trial_id()
+    rel = f"{SWEEP_DIR}/iter_{k}/trial_{trial_id}"
+    opponent_rel = BASE if k == 1 else f"iter_{k - 1}/model"
+    cfg = with_overrides(shared.cfg, params)
+    # Every pair is already in the shared opponents folder, but the pipeline still starts its
+    # generator pool: one CPU actor instead of generation.num_actors GPUs that would idle.
+    idle_generator = {"generation.num_actors": 1, "generation.gpus_per_actor": 0.0}
+    run_stage(with_overrides(cfg, idle_generator), shared.rundir, rel, model_path=_model_path(shared, opponent_rel),
+              base_model=shared.base_model, prepared=shared.prepared, iteration=k, loss_type=cfg.loss.type,
+              opponents_rel=f"{SWEEP_DIR}/iter_{k}/opponents")
+    row = _score_and_record(cfg, shared, rel, trial_id, params, opponent_rel, k)
+    tune.report(_report_metrics(row, shared.sweep.metric, k))
+
+
+def _score_and_record(cfg: Config, shared: _Shared, rel: str, trial_id: str, params: dict[str, Any],
+                      opponent_rel: str, k: int) -> TrialRow:
+    """Score the model trained in ``rel`` (cached in ``rel/eval``) and record it in ``rel/score.json``."""
+    score = score_model(cfg, shared.rundir, f"{rel}/eval", f"{rel}/model", shared.sweep.metric)
+    row = TrialRow(trial_id=trial_id, params=params, score=score, model=f"{rel}/model", opponent=opponent_rel,
+                   beta=float(per_iteration(cfg.loss.beta, k)))
+    shared.rundir.write_json_atomic(f"{rel}/{SCORE_FILE}", {**_row_json(row), "metric": shared.sweep.metric,
+                                                            "iteration": k})
+    return row
+
+
+def _trial_beta(cfg: Config, params: Mapping[str, Any], k: int) -> float:
+    """The beta a trial with hyperparameters ``params`` trains iteration k with."""
+    return float(per_iteration(with_overrides(cfg, dict(params)).loss.beta, k))
+
+
+def _quiet_data_progress() -> None:
+    """No Ray Data progress bars from a trial: those of concurrent trials would interleave in
+    the driver's log (Tune's status table shows the sweep's progress)."""
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+
+
+def _report_metrics(row: TrialRow, metric: str, k: int) -> dict[str, Any]:
+    return {metric: row.score, ITERATION_KEY: k, "model": row.model, "opponent": row.opponent, "beta": row.beta}
+
+
+def _row_json(row: TrialRow) -> dict[str, Any]:
+    return dataclasses.asdict(row)
+
+
+def _row_from_json(values: Mapping[str, Any]) -> TrialRow:
+    names = {f.name for f in dataclasses.fields(TrialRow)}
+    return TrialRow(**{key: value for key, value in values.items() if key in names})
+
+
+# ----------------------------------------------------------------------------- reports and publishing
+
+
+def _write_iteration_report(rundir: RunDir, k: int, rows: Sequence[TrialRow], best: TrialRow,
+                            published: TrialRow, metric: str) -> None:
+    sweep_rel = f"{SWEEP_DIR}/iter_{k}"
+    with tempfile.TemporaryDirectory() as tmp:
+        table = trials_markdown(rows, best, metric, k, published=published)
+        plot = plot_beta_vs_metric(rows, best, metric, k, Path(tmp) / BETA_PLOT)
+        rundir.write_text_atomic(f"{sweep_rel}/{TRIALS_TABLE}", table)
+        rundir.upload_file(plot, f"{sweep_rel}/{BETA_PLOT}")
+    rundir.write_json_atomic(f"{sweep_rel}/{WINNER_FILE}", {
+        **_row_json(published), "iteration": k, "metric": metric, "published": f"iter_{k}/model",
+        "best_trial": best.trial_id, "best_score": best.score,
+        "trials": [_row_json(row) for row in rows],
+    })
+
+
+def _publish(shared: _Shared, k: int, winner: TrialRow) -> None:
+    """The winner's model becomes ``iter_<k>/model`` (with its metrics and config), then DONE."""
+    rundir, rel = shared.rundir, f"iter_{k}"
+    stage_rel = winner.model.rsplit("/", 1)[0]
+    if rundir.is_done(rel):
+        if rundir.read_done(rel).get("source") == winner.model:
+            return
+        rundir.fs.mv(rundir.fs_path(rel), rundir.fs_path(f"{rel}.stale-{int(time.time())}"), recursive=True)
+    rundir.remove_incomplete(rel)
+    rundir.publish_dir(rundir.local_copy(winner.model), f"{rel}/model", info={"source": winner.model})
+    metrics = rundir.read_json(f"{stage_rel}/metrics.json")
+    metrics["sweep"] = {"trial": winner.trial_id, "params": winner.params, "score": winner.score,
+                        "metric": shared.sweep.metric, "source": winner.model}
+    rundir.write_json_atomic(f"{rel}/metrics.json", metrics)
+    rundir.write_text_atomic(f"{rel}/config.yaml", dump_config(with_overrides(shared.cfg, winner.params)))
+    rundir.mark_done(rel, {"source": winner.model, "trial": winner.trial_id, "score": winner.score})
+
+
+# ----------------------------------------------------------------------------- population-based self-play
+
+
+def _run_pbt(shared: _Shared) -> dict[int, TrialRow]:
+    """Every trial runs the self-play loop; PBT clones the best; the final winner's lineage is published."""
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    cfg, rundir, sweep = shared.cfg, shared.rundir, shared.sweep
+    iterations = cfg.self_play.iterations
+    if not rundir.is_done(PBT_DIR):
+        _ensure_shared_opponents(shared, _pbt_first_opponents(), BASE, 1)
+        scheduler = PopulationBasedTraining(
+            time_attr=ITERATION_KEY, metric=sweep.metric, mode="max",
+            perturbation_interval=sweep.perturbation_interval,
+            hyperparam_mutations={key: dim.to_mutation() for key, dim in sweep.space.items()},
+            quantile_fraction=sweep.quantile_fraction, resample_probability=sweep.resample_probability,
+            synch=True,
+        )
+        # PBT draws whom to clone and how to perturb from Python's global random module.
+        random.seed(sweep.seed)
+        _run_tuner(_pbt_trial, shared, storage_rel=PBT_DIR, scheduler=scheduler,
+                   param_space={key: dim.to_tune() for key, dim in sweep.space.items()},
+                   stop={ITERATION_KEY: iterations})
+    rows_by_iteration = pbt_rows(rundir)
+    missing = [k for k in range(1, iterations + 1) if not rows_by_iteration.get(k)]
+    if missing:
+        raise SweepError(f"pbt: no trial finished iterations {missing}; see {rundir.path(PBT_DIR)}")
+    best = {k: select_winner(rows_by_iteration[k]) for k in range(1, iterations + 1)}
+    chain = lineage_chain(rows_by_iteration, best[iterations], iterations)
+    for k in range(1, iterations + 1):
+        _write_iteration_report(rundir, k, rows_by_iteration[k], best[k], chain[k], sweep.metric)
+        _publish(shared, k, chain[k])
+    rundir.mark_done(PBT_DIR, {"winner": chain[iterations].trial_id, "score": chain[iterations].score})
+    return chain
+
+
+def _pbt_first_opponents() -> str:
+    return f"{PBT_DIR}/opponents_iter_1"
+
+
+def pbt_rows(rundir: RunDir) -> dict[int, list[TrialRow]]:
+    """Iteration -> the scored stages of every PBT trial (``sweep/pbt/trial_*/iter_<k>/score.json``)."""
+    rows: dict[int, list[TrialRow]] = {}
+    pattern = rundir.fs_path(PBT_DIR) + "/trial_*/iter_*/" + SCORE_FILE
+    rundir.fs.invalidate_cache(rundir.fs_path(PBT_DIR))
+    for path in sorted(rundir.fs.glob(pattern)):
+        match = _ITERATION_DIR.match(path.rstrip("/").split("/")[-2])
+        if match:
+            values = json.loads(rundir.fs.cat_file(path))
+            rows.setdefault(int(match.group(1)), []).append(_row_from_json(values))
+    return {k: sorted(found, key=lambda row: row.trial_id) for k, found in sorted(rows.items())}
+
+
+def _pbt_trial(config: dict[str, Any], shared: _Shared) -> None:
+    """Ray Tune trainable: self-play from the last checkpoint (its own, or a clone's) to the end,
+    reporting the held-out score and a pointer to the model after every iteration."""
+    from ray import tune
+
+    _quiet_data_progress()
+    params = _plain(config)
+    trial_id = tune.get_context().get_trial_id()
+    cfg = with_overrides(shared.cfg, params)
+    done, opponent_rel = _restore_pointer(tune.get_checkpoint())
+    for k in range(done + 1, cfg.self_play.iterations + 1):
+        rel = f"{PBT_DIR}/trial_{trial_id}/iter_{k}"
+        _claim_stage(shared.rundir, rel, {"opponent": opponent_rel, "params": params})
+        run_stage(cfg, shared.rundir, rel, model_path=_model_path(shared, opponent_rel),
+                  base_model=shared.base_model, prepared=shared.prepared, iteration=k, loss_type=cfg.loss.type,
+                  opponents_rel=_pbt_first_opponents() if k == 1 else None)
+        row = _score_and_record(cfg, shared, rel, trial_id, params, opponent_rel, k)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / POINTER_FILE).write_text(json.dumps({"iteration": k, "model": row.model,
+                                                              "trial": trial_id}))
+            tune.report(_report_metrics(row, shared.sweep.metric, k), checkpoint=tune.Checkpoint.from_directory(tmp))
+        opponent_rel = row.model
+
+
+def _restore_pointer(checkpoint: Any) -> tuple[int, str]:
+    """(last finished iteration, its model) from a PBT checkpoint; (0, base) without one. After an
+    exploit the checkpoint is the cloned trial's: its model is the next opponent and start."""
+    if checkpoint is None:
+        return 0, BASE
+    with checkpoint.as_directory() as path:
+        pointer = json.loads((Path(path) / POINTER_FILE).read_text())
+    return int(pointer["iteration"]), str(pointer["model"])
+
+
+def _claim_stage(rundir: RunDir, rel: str, lineage: dict[str, Any]) -> None:
+    """A trial's stage dir belongs to one (opponent, hyperparameters); after an exploit the
+    trial's older attempt at this iteration is moved aside, never mixed with the new one."""
+    lineage = json.loads(json.dumps(lineage))
+    marker = f"{rel}/{LINEAGE_FILE}"
+    if rundir.exists(rel):
+        if rundir.exists(marker) and rundir.read_json(marker) == lineage:
+            return
+        rundir.fs.mv(rundir.fs_path(rel), rundir.fs_path(f"{rel}.stale-{int(time.time())}"), recursive=True)
+    rundir.write_json_atomic(marker, lineage)
