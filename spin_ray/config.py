@@ -91,6 +91,11 @@ class GenerationConfig:
     """Generation actors, each holding one copy of theta_k."""
     gpus_per_actor: float = 0.0
     """GPUs per generation actor (0 on CPU)."""
+    compile: bool = False
+    """``torch.compile`` each actor's opponent UNet. On GPU it fuses the elementwise ops between
+    convolutions; each actor's first batches (and a smaller last batch) pay the compile time.
+    The rest of the fast path (bf16 on GPU, SDPA attention, channels_last on CUDA) is always on;
+    see docs/PERFORMANCE.md."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,10 @@ class TrainConfig:
     """``auto``: bf16 autocast on GPU, fp32 on CPU."""
     gradient_checkpointing: bool = False
     """Recompute UNet activations in the backward pass to save memory."""
+    compile: bool = False
+    """``torch.compile`` theta (and theta_k with ``loss.reference: online``) in each training
+    worker; pays a compile at the first steps. With several workers the in-place compile
+    does not overlap DDP's gradient all-reduce with the backward pass."""
     checkpoint_every: int = 0
     """Write a Train checkpoint every N optimizer steps (0: only at the end)."""
     log_every: int = 10
@@ -452,6 +461,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load ``path`` (or the defaults), apply ``key=value`` overrides, validate."""
     values = load_yaml(path) if path is not None else {}
+    if "sweep" in values:
+        raise ConfigError(f"{path}: has a top-level 'sweep:' section, so it is a sweep config: "
+                          f"run it with python jobs/sweep.py --config {path}")
     values = apply_overrides(values, overrides or [])
     try:
         return from_dict(values)

@@ -10,6 +10,7 @@ from spin_ray.config import (
     dump_config,
     get_by_path,
     load_config,
+    load_yaml,
     per_iteration,
     with_overrides,
 )
@@ -41,9 +42,18 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def load_shipped(path: Path) -> Config:
+    """A shipped config; a sweep config (top-level ``sweep:``, for jobs/sweep.py) through the sweep loader."""
+    if "sweep" in load_yaml(path):
+        from spin_ray.sweep import load_sweep
+
+        return load_sweep(path)[0]
+    return load_config(path)
+
+
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.name for p in CONFIG_FILES])
 def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
-    cfg = load_config(path)
+    cfg = load_shipped(path)
     again = load_config(write(tmp_path, dump_config(cfg)))
     assert again == cfg
 
@@ -138,3 +148,8 @@ def test_unreadable_or_non_mapping_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="expected a mapping at the top level"):
         load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_a_sweep_config_given_to_a_plain_job_points_to_jobs_sweep():
+    with pytest.raises(ConfigError, match=r"sweep config: run it with python jobs/sweep.py"):
+        load_config(REPO / "configs" / "sweep_beta.yaml")
