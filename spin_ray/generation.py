@@ -8,6 +8,13 @@ iteration's ``opponents/`` directory, so a restarted iteration does not generate
 
 Seeds are derived per sample from (run seed, iteration, sample id), never from the batch,
 so reruns reproduce every sample whatever the batching or the number of actors.
+
+torch, diffusers and the model code are imported when an OpponentGenerator is built, not
+with this module: :mod:`spin_ray.pairs` imports it, and every Ray Data worker process that
+runs one of its small row functions imports :mod:`spin_ray.pairs`. Importing torch and
+diffusers there would cost each such process seconds of CPU (7 s on the 2-core development
+machine) at the start of every iteration, competing with the actors and training workers
+that do need them.
 """
 
 from __future__ import annotations
@@ -17,10 +24,6 @@ import uuid
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-
-from spin_ray.diffusion import encode_prompt_ids, load_components, pick_device, sample_latents, tokenize
-from spin_ray.train_step import pair_errors
 
 SAMPLING_STREAM = 0
 NOISE_STREAM = 1
@@ -52,6 +55,10 @@ class GeneratorSpec:
     """Where each output batch is also written (local path or fsspec URL); None: nowhere."""
     device: str = "auto"
     mixed_precision: str = "auto"
+    """``auto`` or ``bf16``: bf16 weights on CUDA; ``no``: float32. The CPU always uses float32."""
+    compile: bool = False
+    """``torch.compile`` the opponent UNet (``generation.compile``): faster on GPU once compiled,
+    but each actor spends its first batches compiling."""
 
 
 class OpponentGenerator:
@@ -64,16 +71,26 @@ class OpponentGenerator:
     """
 
     def __init__(self, spec: GeneratorSpec):
+        import torch
+
+        from spin_ray.diffusion import encode_prompt_ids, load_components, pick_device, tokenize
+        from spin_ray.fast_path import prepare_unet_for_inference
+
         self.spec = spec
         self.device = pick_device(spec.device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" and spec.mixed_precision != "no" else torch.float32
         self.components = load_components(spec.model_path, local_files_only=True, device=self.device, dtype=self.dtype)
-        self.components.unet.eval().requires_grad_(False)
+        # The fast path (spin_ray.fast_path): frozen, SDPA attention, channels_last on CUDA, optional compile.
+        prepare_unet_for_inference(self.components.unet, self.device, dtype=self.dtype, compile=spec.compile)
         with torch.inference_mode():
             ids = tokenize(self.components.tokenizer, [""]).to(self.device)
             self.negative_embeds = encode_prompt_ids(self.components.text_encoder, ids)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from spin_ray.diffusion import sample_latents
+
         spec = self.spec
         sample_ids = [int(s) for s in batch["sample_id"]]
         embeds = torch.as_tensor(np.asarray(batch["prompt_embeds"]), device=self.device, dtype=self.dtype)
@@ -99,6 +116,10 @@ class OpponentGenerator:
         return out
 
     def _reference_errors(self, latents_real, latents_syn, embeds, noise_seeds):
+        import torch
+
+        from spin_ray.train_step import pair_errors
+
         if not self.spec.precompute_reference:
             nan = np.full(len(noise_seeds), np.nan, dtype=np.float32)
             return nan, nan.copy()

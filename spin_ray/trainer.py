@@ -30,6 +30,8 @@ from spin_ray.train_step import (
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 HISTORY_FILE = "metrics.jsonl"
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+"""Ray Train's list of registered checkpoints, in ``<storage_path>/<name>/``."""
 
 
 class NonFiniteError(RuntimeError):
@@ -122,18 +124,24 @@ def _run_steps(plan: TrainPlan, state: dict, batches, runner, unet, optimizer, l
 
 
 def _load_models(plan: TrainPlan, device: torch.device):
+    """theta (float32 master weights, train mode), theta_k when the reference is online, and
+    the scheduler, on ``device`` through the fast path (:mod:`spin_ray.fast_path`): SDPA
+    attention, channels_last on CUDA, optional ``torch.compile`` (``train.compile``; under DDP
+    the in-place compile gives up overlapping the gradient all-reduce with the backward pass).
+    theta_k gets bf16 weights on CUDA with mixed precision, as the generation actors use."""
     from diffusers import DDIMScheduler
 
     from spin_ray.diffusion import load_unet
+    from spin_ray.fast_path import prepare_unet_for_inference, prepare_unet_for_training
 
-    unet = load_unet(plan.init_model_path, local_files_only=True)
-    unet.train()
-    if plan.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    compile_unets = bool(getattr(plan, "compile", False))
+    unet = prepare_unet_for_training(load_unet(plan.init_model_path, local_files_only=True), device,
+                                     compile=compile_unets, gradient_checkpointing=plan.gradient_checkpointing)
     ref_unet = None
     if plan.loss_type == "spin" and plan.online_reference:
-        ref_unet = load_unet(plan.init_model_path, local_files_only=True)
-        ref_unet.eval().requires_grad_(False).to(device)
+        bf16 = device.type == "cuda" and plan.mixed_precision != "no"
+        ref_unet = prepare_unet_for_inference(load_unet(plan.init_model_path, local_files_only=True), device,
+                                              dtype=torch.bfloat16 if bf16 else torch.float32, compile=compile_unets)
     scheduler = DDIMScheduler.from_pretrained(plan.init_model_path, subfolder="scheduler")
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
     return unet, ref_unet, scheduler
@@ -305,6 +313,7 @@ def fit(plan: TrainPlan, train_dataset, *, name: str, storage_path: str, num_wor
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    set_aside_unreadable_snapshot(storage_path, name)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"plan": plan},
@@ -322,6 +331,31 @@ def fit(plan: TrainPlan, train_dataset, *, name: str, storage_path: str, num_wor
         ),
     )
     return trainer.fit()
+
+
+def set_aside_unreadable_snapshot(storage_path: str, name: str) -> str | None:
+    """Move Ray Train's checkpoint snapshot aside when it does not parse; returns where to.
+
+    Ray Train rewrites ``checkpoint_manager_snapshot.json`` in place after every checkpoint,
+    so a driver killed during that write leaves a truncated file, and every later ``fit`` with
+    the same name would fail on it. Without it, training starts over from step 0 (the cached
+    opponents are still reused); the file is kept, renamed, for inspection.
+    """
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(storage_path)
+    path = f"{root.rstrip('/')}/{name}/{RAY_SNAPSHOT_FILE}"
+    if not fs.exists(path):
+        return None
+    try:
+        json.loads(fs.cat_file(path))
+        return None
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError alike
+        aside = f"{path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+        fs.mv(path, aside)
+        print(f"Ray Train's checkpoint snapshot {path} is unreadable ({err}); moved it to {aside}: "
+              "this training starts over", flush=True)
+        return aside
 
 
 def checkpoint_history(checkpoint) -> list[dict]:

@@ -4,7 +4,8 @@ A step whose loss or gradient is not finite must be skipped (parameters and opti
 untouched), counted and logged; ``max_nonfinite_steps`` of them in a row stop training before
 anything is reported, so the last checkpoint keeps the last finite weights. A checkpoint
 restores theta, AdamW and the learning-rate schedule bit for bit, so training resumed from it
-ends exactly where an uninterrupted run ends. ``ray.train.report`` is replaced by a recorder;
+ends exactly where an uninterrupted run ends. Ray Train's own snapshot, cut off by a kill, is
+set aside instead of failing every rerun. ``ray.train.report`` is replaced by a recorder;
 ``ray.train.Checkpoint.from_directory`` needs no cluster.
 """
 
@@ -21,6 +22,7 @@ import torch
 
 from spin_ray.train_step import make_lr_scheduler, make_optimizer
 from spin_ray.trainer import (
+    RAY_SNAPSHOT_FILE,
     STATE_FILE,
     NonFiniteError,
     TrainPlan,
@@ -32,6 +34,7 @@ from spin_ray.trainer import (
     _run_steps,
     _save_checkpoint,
     _StepRunner,
+    set_aside_unreadable_snapshot,
 )
 
 CPU = torch.device("cpu")
@@ -348,3 +351,67 @@ def test_checkpoint_files_are_safetensors_and_weights_only(tiny_components, tmp_
                      "unet/diffusion_pytorch_model.safetensors"]
     saved = torch.load(tmp_path / "optimizer.pt", weights_only=True)
     assert set(saved) == {"optimizer", "lr_scheduler"}
+
+
+# ----------------------------------------------------------------------------- Ray Train's snapshot
+
+
+@pytest.mark.parametrize("content", [b"", b'{"ray_version": "2.60.0", "checkpoint_results": [{"vers', b"\xff\xfe{"])
+def test_a_snapshot_cut_off_mid_write_is_set_aside(tmp_path, content, capsys):
+    """Ray Train rewrites its snapshot in place: a kill during the write leaves it empty or cut off."""
+    (tmp_path / "iter_1").mkdir()
+    (tmp_path / "iter_1" / RAY_SNAPSHOT_FILE).write_bytes(content)
+    (tmp_path / "iter_1" / "checkpoint_2026-01-01_00-00-00.000000").mkdir()
+    aside = set_aside_unreadable_snapshot(str(tmp_path), "iter_1")
+    assert aside is not None and Path(aside).parent == tmp_path / "iter_1"
+    assert Path(aside).name.startswith(f"{RAY_SNAPSHOT_FILE}.unreadable-") and Path(aside).read_bytes() == content
+    assert not (tmp_path / "iter_1" / RAY_SNAPSHOT_FILE).exists()
+    assert (tmp_path / "iter_1" / "checkpoint_2026-01-01_00-00-00.000000").is_dir()  # nothing else is touched
+    assert "this training starts over" in capsys.readouterr().out
+
+
+def test_a_readable_or_missing_snapshot_is_left_alone(tmp_path):
+    assert set_aside_unreadable_snapshot(str(tmp_path), "iter_1") is None
+    (tmp_path / "iter_1").mkdir()
+    snapshot = tmp_path / "iter_1" / RAY_SNAPSHOT_FILE
+    snapshot.write_text(json.dumps({"ray_version": "2.60.0", "checkpoint_results": []}))
+    before = snapshot.stat().st_mtime_ns
+    assert set_aside_unreadable_snapshot(str(tmp_path), "iter_1") is None
+    assert snapshot.stat().st_mtime_ns == before and [p.name for p in (tmp_path / "iter_1").iterdir()] == [
+        RAY_SNAPSHOT_FILE]
+
+
+def test_a_snapshot_on_an_object_store_is_set_aside_too():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/bucket/run/iter_1/train/iter_1/" + RAY_SNAPSHOT_FILE, b'{"cut off')
+    aside = set_aside_unreadable_snapshot("memory://bucket/run/iter_1/train", "iter_1")
+    assert aside is not None and fs.cat_file(aside) == b'{"cut off'
+    assert not fs.exists("/bucket/run/iter_1/train/iter_1/" + RAY_SNAPSHOT_FILE)
+    fs.rm("/bucket/run", recursive=True)
+
+
+def test_fit_sets_a_cut_off_snapshot_aside_before_ray_train_reads_it(tmp_path, monkeypatch):
+    import ray.train.torch
+
+    from spin_ray import trainer
+
+    snapshot = tmp_path / "iter_1" / RAY_SNAPSHOT_FILE
+    snapshot.parent.mkdir()
+    snapshot.write_bytes(b'{"ray_version": "2.6')
+    seen = {}
+
+    class RecordingTrainer:
+        def __init__(self, *args, **kwargs):
+            seen["snapshot at construction"] = snapshot.exists()
+            seen["name"] = kwargs["run_config"].name
+
+        def fit(self):
+            return "result"
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", RecordingTrainer)
+    assert trainer.fit(make_plan(), None, name="iter_1", storage_path=str(tmp_path), num_workers=1,
+                       use_gpu=False) == "result"
+    assert seen == {"snapshot at construction": False, "name": "iter_1"}
+    assert len(list(snapshot.parent.glob(f"{RAY_SNAPSHOT_FILE}.unreadable-*"))) == 1

@@ -1,0 +1,296 @@
+"""Security defaults, checked on the source: every way weights enter or leave the program.
+
+The checker parses every ``.py`` file under spin_ray/, jobs/ and bench/ with ``ast`` and
+reports any loading path other than the safe ones:
+
+- ``torch.load`` only with ``weights_only=True``; no ``weights_only=False`` anywhere;
+- no pickle, dill, joblib, cloudpickle or shelve imports, no ``torch.jit.load``, no
+  ``torch.hub`` (it runs a repository's ``hubconf.py`` or unpickles a download), no
+  ``read_pickle``, no ``np.load(allow_pickle=...)`` other than ``False``, no YAML loader but
+  ``yaml.safe_load``;
+- no ``trust_remote_code`` other than ``False``;
+- ``from_pretrained`` and a pipeline's ``download`` pass ``use_safetensors=True`` unless the
+  class reads only config and vocabulary files (tokenizers, processors, schedulers, configs),
+  or the call is on :data:`ALLOWED` with its reason; open_clip builds models with
+  ``pretrained=None`` (published reward weights go through ``torch.load(weights_only=True)``);
+- ``save_pretrained`` passes ``safe_serialization=True``; ``torch.save`` only on :data:`ALLOWED`.
+
+The checker is tested on planted violations, so a rule that stopped matching would show.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCANNED_DIRS = ("spin_ray", "jobs", "bench")
+
+UNSAFE_MODULES = {"pickle", "_pickle", "cPickle", "dill", "joblib", "cloudpickle", "shelve"}
+UNSAFE_YAML = {"load", "load_all", "full_load", "full_load_all", "unsafe_load", "unsafe_load_all"}
+CONFIG_ONLY_CLASS = re.compile(r"(Tokenizer(Fast)?|Processor|FeatureExtractor|Scheduler|Config)$")
+"""Classes whose ``from_pretrained`` reads JSON and vocabulary files only, never tensors."""
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """A call the rules would flag that is accepted, with the reason."""
+
+    path: str
+    function: str
+    call: str
+    reason: str
+
+
+ALLOWED = (
+    Allowed("spin_ray/rewards/pickscore.py", "load_pickscore", "CLIPModel.from_pretrained",
+            "published reward model (PickScore_v1) whose hub folder may hold only pytorch_model.bin; "
+            "transformers 5 takes model.safetensors when present and reads .bin only with "
+            "torch.load(weights_only=True)"),
+    Allowed("spin_ray/rewards/aesthetic.py", "load_aesthetic", "CLIPModel.from_pretrained",
+            "published CLIP ViT-L/14 folder; same transformers 5 rule as PickScore"),
+    Allowed("spin_ray/tiny.py", "build_clip_tokenizer", "tokenizer.save_pretrained",
+            "a tokenizer writes vocabulary and JSON files only, no tensors"),
+    Allowed("spin_ray/trainer.py", "_save_checkpoint", "torch.save",
+            "AdamW and LR-schedule state (not model weights), read back with torch.load(weights_only=True)"),
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    path: str
+    line: int
+    function: str
+    call: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line} in {self.function}(): {self.call}: {self.problem}"
+
+
+def dotted_name(node: ast.AST) -> str:
+    """``torch.jit.load`` for the call target ``torch.jit.load``; '' for anything else."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = dotted_name(node.value)
+        return f"{base}.{node.attr}" if base else node.attr
+    if isinstance(node, ast.Call):  # e.g. get_model().save_pretrained: keep the method
+        return dotted_name(node.func)
+    return ""
+
+
+def keyword_value(call: ast.Call, name: str) -> tuple[bool, object]:
+    """Whether ``name=`` is passed, and its value when it is a constant (else the node)."""
+    for keyword in call.keywords:
+        if keyword.arg == name:
+            value = keyword.value
+            return True, value.value if isinstance(value, ast.Constant) else value
+    return False, None
+
+
+def passes_true(call: ast.Call, name: str) -> bool:
+    present, value = keyword_value(call, name)
+    return present and value is True
+
+
+class Checker(ast.NodeVisitor):
+    """Collects :class:`Finding` objects for one module."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.function = "<module>"
+        self.torch_aliases = {"torch"}
+        self.torch_load_names: set[str] = set()
+        self.findings: list[Finding] = []
+
+    def flag(self, node: ast.AST, call: str, problem: str) -> None:
+        self.findings.append(Finding(self.path, node.lineno, self.function, call, problem))
+
+    def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+        outer, self.function = self.function, node.name
+        self.generic_visit(node)
+        self.function = outer
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_Import(self, node: ast.Import) -> None:
+        for alias in node.names:
+            if alias.name.split(".")[0] in UNSAFE_MODULES:
+                self.flag(node, f"import {alias.name}", "unsafe deserialisation module")
+            if alias.name == "torch" and alias.asname:
+                self.torch_aliases.add(alias.asname)
+        self.generic_visit(node)
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        module = node.module or ""
+        if module.split(".")[0] in UNSAFE_MODULES:
+            self.flag(node, f"from {module} import ...", "unsafe deserialisation module")
+        if module == "torch":
+            self.torch_load_names |= {alias.asname or alias.name for alias in node.names if alias.name == "load"}
+        self.generic_visit(node)
+
+    def visit_Call(self, node: ast.Call) -> None:
+        name = dotted_name(node.func)
+        parts = name.split(".")
+        receiver = parts[-2] if len(parts) > 1 else ""
+        is_torch = parts[0] in self.torch_aliases
+        self.check_keywords(node, name)
+        if (is_torch and parts[1:] == ["load"]) or name in self.torch_load_names:
+            if not passes_true(node, "weights_only"):
+                self.flag(node, name, "torch.load without weights_only=True")
+        elif is_torch and parts[1:] == ["jit", "load"]:
+            self.flag(node, name, "torch.jit.load runs pickled code")
+        elif is_torch and parts[1:2] == ["hub"]:
+            self.flag(node, name, "torch.hub runs a repository's hubconf.py or unpickles a download")
+        elif is_torch and parts[1:] == ["save"]:
+            self.flag(node, name, "torch.save writes pickle: model weights go to safetensors")
+        elif parts[-1] == "read_pickle":
+            self.flag(node, name, "read_pickle unpickles data")
+        elif parts[0] == "yaml" and parts[1:] and parts[-1] in UNSAFE_YAML:
+            self.flag(node, name, "yaml loaders other than safe_load build arbitrary objects")
+        elif parts[0] == "open_clip" and parts[-1].startswith("create_model"):
+            present, value = keyword_value(node, "pretrained")
+            if present and value is not None:
+                self.flag(node, name, "open_clip pretrained= loads weights its own way: pass pretrained=None "
+                                      "and read the weights with torch.load(weights_only=True)")
+        elif parts[-1] == "from_pretrained" and not CONFIG_ONLY_CLASS.search(receiver):
+            if not passes_true(node, "use_safetensors"):
+                self.flag(node, name, "from_pretrained without use_safetensors=True")
+        elif parts[-1] == "download" and receiver.endswith("Pipeline") and not passes_true(node, "use_safetensors"):
+            self.flag(node, name, "download without use_safetensors=True")
+        elif parts[-1] == "save_pretrained" and not passes_true(node, "safe_serialization"):
+            self.flag(node, name, "save_pretrained without safe_serialization=True")
+        self.generic_visit(node)
+
+    def check_keywords(self, node: ast.Call, name: str) -> None:
+        for keyword, safe in [("weights_only", True), ("trust_remote_code", False), ("allow_pickle", False),
+                              ("use_safetensors", True), ("safe_serialization", True)]:
+            present, value = keyword_value(node, keyword)
+            if present and value is not safe:
+                self.flag(node, name, f"{keyword} must be {safe} (a literal), got {ast.unparse(node)}")
+
+
+def scan_file(path: Path, rel: str) -> list[Finding]:
+    """Every finding in one source file (``rel`` is its path as reported)."""
+    checker = Checker(rel)
+    checker.visit(ast.parse(path.read_text(), filename=str(path)))
+    return checker.findings
+
+
+def is_allowed(finding: Finding) -> bool:
+    return any((a.path, a.function, a.call) == (finding.path, finding.function, finding.call) for a in ALLOWED)
+
+
+def source_files() -> list[Path]:
+    return sorted(p for folder in SCANNED_DIRS for p in (REPO / folder).rglob("*.py"))
+
+
+# ----------------------------------------------------------------------------- the project
+
+
+def test_the_source_has_only_safe_loading_paths():
+    files = source_files()
+    assert len(files) > 20 and any(p.name == "trainer.py" for p in files)
+    findings = [f for p in files for f in scan_file(p, p.relative_to(REPO).as_posix())]
+    problems = [str(f) for f in findings if not is_allowed(f)]
+    assert not problems, "unsafe loading paths:\n" + "\n".join(problems)
+
+
+def test_every_allow_list_entry_is_still_needed():
+    """A stale entry would silently allow a future call of the same name."""
+    findings = [f for p in source_files() for f in scan_file(p, p.relative_to(REPO).as_posix())]
+    for entry in ALLOWED:
+        assert entry.reason
+        assert any(is_allowed(f) and (f.path, f.function, f.call) == (entry.path, entry.function, entry.call)
+                   for f in findings), f"allow-list entry no longer matches any call: {entry}"
+
+
+# ----------------------------------------------------------------------------- the checker itself
+
+
+PLANTED = {
+    "import pickle": "unsafe deserialisation module",
+    "from joblib import load": "unsafe deserialisation module",
+    "import dill as d": "unsafe deserialisation module",
+    "torch.load(path)": "torch.load without weights_only=True",
+    "torch.load(path, weights_only=False)": "weights_only must be True",
+    "th.load(path, map_location='cpu')": "torch.load without weights_only=True",
+    "load(path)": "torch.load without weights_only=True",
+    "torch.load(path, weights_only=flag)": "torch.load without weights_only=True",
+    "torch.jit.load(path)": "torch.jit.load runs pickled code",
+    "torch.save(model.state_dict(), path)": "torch.save writes pickle",
+    "np.load(path, allow_pickle=True)": "allow_pickle must be False",
+    "pd.read_pickle(path)": "read_pickle unpickles data",
+    "AutoModel.from_pretrained(path, trust_remote_code=True)": "trust_remote_code must be False",
+    "AutoTokenizer.from_pretrained(path, trust_remote_code=True)": "trust_remote_code must be False",
+    "UNet2DConditionModel.from_pretrained(path)": "from_pretrained without use_safetensors=True",
+    "CLIPModel.from_pretrained(path, use_safetensors=False)": "use_safetensors must be True",
+    "pipe.save_pretrained(out)": "save_pretrained without safe_serialization=True",
+    "pipe.save_pretrained(out, safe_serialization=False)": "safe_serialization must be True",
+    "torch.hub.load('someone/repo', 'model')": "torch.hub runs",
+    "torch.hub.load_state_dict_from_url(path)": "torch.hub runs",
+    "yaml.load(path, Loader=yaml.Loader)": "yaml loaders other than safe_load",
+    "yaml.unsafe_load(path)": "yaml loaders other than safe_load",
+    "open_clip.create_model_and_transforms('ViT-H-14', pretrained=path)": "open_clip pretrained=",
+    "open_clip.create_model('ViT-H-14', pretrained='laion2b_s32b_b79k')": "open_clip pretrained=",
+    "StableDiffusionPipeline.download(path)": "download without use_safetensors=True",
+}
+
+
+def planted_module(tmp_path: Path, statement: str) -> Path:
+    path = tmp_path / "planted.py"
+    path.write_text(textwrap.dedent(f"""\
+        import numpy as np
+        import pandas as pd
+        import torch
+        import torch as th
+        from torch import load
+
+
+        def loader(path, out, model, pipe, flag):
+            {statement}
+        """))
+    return path
+
+
+@pytest.mark.parametrize("statement", sorted(PLANTED))
+def test_checker_catches_a_planted_violation(tmp_path, statement):
+    findings = scan_file(planted_module(tmp_path, statement), "planted.py")
+    assert findings, f"not caught: {statement}"
+    assert any(PLANTED[statement] in f.problem for f in findings), [str(f) for f in findings]
+    assert all(f.function == "loader" and f.line == 9 for f in findings)
+
+
+SAFE = [
+    "torch.load(path, map_location='cpu', weights_only=True)",
+    "np.load(path)",
+    "np.load(path, allow_pickle=False)",
+    "UNet2DConditionModel.from_pretrained(path, subfolder='unet', use_safetensors=True)",
+    "CLIPTokenizer.from_pretrained(path)",
+    "CLIPProcessor.from_pretrained(path)",
+    "DDIMScheduler.from_pretrained(path, subfolder='scheduler')",
+    "AutoTokenizer.from_pretrained(path, trust_remote_code=False)",
+    "pipe.save_pretrained(out, safe_serialization=True)",
+    "yaml.safe_load(path)",
+    "open_clip.create_model('ViT-H-14', pretrained=None, device='cpu')",
+    "open_clip.create_model('ViT-H-14')",
+    "StableDiffusionPipeline.download(path, use_safetensors=True, safety_checker=None)",
+]
+
+
+@pytest.mark.parametrize("statement", SAFE)
+def test_checker_passes_the_safe_forms(tmp_path, statement):
+    assert scan_file(planted_module(tmp_path, statement), "planted.py") == []
+
+
+def test_allow_list_matches_file_function_and_call(tmp_path):
+    path = planted_module(tmp_path, "torch.save(model.state_dict(), path)")
+    (finding,) = scan_file(path, "spin_ray/trainer.py")
+    assert not is_allowed(finding), "torch.save outside _save_checkpoint must not be allowed"
+    assert is_allowed(Finding("spin_ray/trainer.py", 1, "_save_checkpoint", "torch.save", ""))
