@@ -165,7 +165,13 @@ def test_ray_job_submit_runs_self_play(tiny_pipeline_dir, toy_parquet, tmp_path,
         run_dir = tmp_path / "run"
         submit = [str(ray_bin), "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--",
                   "python", "jobs/self_play.py", *overrides(tiny_pipeline_dir, toy_parquet, run_dir, iterations=1)]
-        result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+        deadline = time.time() + 240
+        while True:  # the node's job agent registers some seconds after the job server answers
+            result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+            if result.returncode == 0 or "No available agent" not in result.stderr + result.stdout:
+                break
+            assert time.time() < deadline, result.stderr[-4000:]
+            time.sleep(3)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
         assert "succeeded" in result.stdout.lower()
         assert (run_dir / "iter_1" / "DONE").exists()
