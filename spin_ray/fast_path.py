@@ -91,8 +91,8 @@ def prepare_unet_for_training(
 
 def resolve_channels_last(channels_last: bool | None, device: str | torch.device) -> bool:
     """``channels_last`` as given, or, when None, True on CUDA only: cuDNN's NHWC convolutions
-    are faster there, while on the CPU channels_last convolutions measured ~17% slower
-    (docs/PERFORMANCE.md)."""
+    are faster there, while on the CPU channels_last made the tiny UNet's sampling 6% slower
+    (median; 13% in the best runs, docs/PERFORMANCE.md)."""
     if channels_last is None:
         return torch.device(device).type == "cuda"
     return channels_last

@@ -156,7 +156,12 @@ def test_ray_job_submit_runs_self_play(tiny_pipeline_dir, toy_parquet, tmp_path,
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-         "--num-cpus=4", f"--temp-dir={short_temp_dir}"],
+         "--num-cpus=4", f"--temp-dir={short_temp_dir}",
+         # Free ports for the node's agents: the defaults (52365 ...) are taken by the test
+         # session's own Ray, and a job agent that cannot bind never takes a job.
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+         f"--ray-client-server-port={free_port()}"],
         env=env, stdout=head_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
@@ -170,7 +175,7 @@ def test_ray_job_submit_runs_self_play(tiny_pipeline_dir, toy_parquet, tmp_path,
             result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
             if result.returncode == 0 or "No available agent" not in result.stderr + result.stdout:
                 break
-            assert time.time() < deadline, result.stderr[-4000:]
+            assert time.time() < deadline, result.stderr[-2000:] + head_log.read_text()[-2000:]
             time.sleep(3)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
         assert "succeeded" in result.stdout.lower()
