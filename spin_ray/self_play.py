@@ -242,7 +242,7 @@ def _train_plan(cfg: Config, model_path: str, iteration: int, loss_type: str):
         mixed_precision=t.mixed_precision, gradient_checkpointing=t.gradient_checkpointing,
         checkpoint_every=t.checkpoint_every, log_every=t.log_every, max_nonfinite_steps=t.max_nonfinite_steps,
         shared_noise=cfg.loss.shared_noise, timestep_weighting=cfg.loss.timestep_weighting,
-        seed=cfg.seed + 1000 * iteration,
+        seed=cfg.seed + 1000 * iteration, compile=t.compile,
     )
 
 
@@ -255,6 +255,7 @@ def _generator_spec(cfg: Config, rundir: RunDir, opponents_rel: str, model_path:
         num_inference_steps=g.num_inference_steps, guidance_scale=g.guidance_scale, eta=g.eta,
         precompute_reference=cfg.loss.reference == "precomputed", shared_noise=cfg.loss.shared_noise,
         opponents_dir=rundir.path(opponents_rel), mixed_precision=cfg.train.mixed_precision,
+        compile=g.compile,
     )
 
 

@@ -64,6 +64,8 @@ class TrainPlan:
     shared_noise: bool
     timestep_weighting: str
     seed: int
+    compile: bool = False
+    """``train.compile``: ``torch.compile`` theta (and the online reference)."""
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -134,7 +136,7 @@ def _load_models(plan: TrainPlan, device: torch.device):
     from spin_ray.diffusion import load_unet
     from spin_ray.fast_path import prepare_unet_for_inference, prepare_unet_for_training
 
-    compile_unets = bool(getattr(plan, "compile", False))
+    compile_unets = plan.compile
     unet = prepare_unet_for_training(load_unet(plan.init_model_path, local_files_only=True), device,
                                      compile=compile_unets, gradient_checkpointing=plan.gradient_checkpointing)
     ref_unet = None

@@ -3,8 +3,7 @@ keeps their results: the prepared opponent samples what the plain UNet samples."
 
 from __future__ import annotations
 
-import types
-from dataclasses import asdict
+import dataclasses
 
 import numpy as np
 import pytest
@@ -89,8 +88,7 @@ def test_trainer_without_online_reference_holds_one_unet(tiny_pipeline_dir):
 
 
 def test_trainer_compiles_when_the_plan_asks(tiny_pipeline_dir):
-    # TrainPlan gains ``compile`` from train.compile; _load_models reads it when present.
-    plan = types.SimpleNamespace(**asdict(train_plan(tiny_pipeline_dir)), compile=True)
+    plan = dataclasses.replace(train_plan(tiny_pipeline_dir), compile=True)
     unet, ref_unet, _ = _load_models(plan, CPU)
     assert getattr(unet, "_compiled_call_impl", None) is not None
     assert getattr(ref_unet, "_compiled_call_impl", None) is not None
@@ -117,3 +115,15 @@ def test_generator_on_gpu_runs_bf16_channels_last(tiny_pipeline_dir):
     out = generator(batch)
     assert out["latents_syn"].dtype == np.float32 and np.isfinite(out["latents_syn"]).all()
     assert np.isfinite(out["ref_mse_real"]).all() and np.isfinite(out["ref_mse_syn"]).all()
+
+
+def test_the_compile_switches_reach_the_training_plan_and_the_generator_spec(tmp_path):
+    from spin_ray.config import load_config
+    from spin_ray.rundir import RunDir
+    from spin_ray.self_play import _generator_spec, _train_plan
+
+    for train_compile, gen_compile in [(True, False), (False, True)]:
+        cfg = load_config(None, [f"train.compile={str(train_compile).lower()}",
+                                 f"generation.compile={str(gen_compile).lower()}"])
+        assert _train_plan(cfg, "/model", 1, "spin").compile is train_compile
+        assert _generator_spec(cfg, RunDir(str(tmp_path)), "opponents", "/model", 1).compile is gen_compile
