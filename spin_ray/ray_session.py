@@ -4,24 +4,40 @@ from __future__ import annotations
 
 import os
 
+LOCAL_ENV = {
+    # Ray 2.60 starts 32 parquet footer-reading actors (each a process) for every read_parquet,
+    # whatever the number of files: on a laptop, most of an iteration's pipeline start-up.
+    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2",
+    # Ray Train's controller polls its workers this often (default 2 s): it notices a finished
+    # training that much later, once per stage.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
+"""Settings of a private local instance (docs/PERFORMANCE.md); the environment overrides each.
+Clusters keep Ray's defaults."""
+
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool:
     """Make sure Ray is initialised; returns True when this call started a local instance.
 
     ``address`` (or ``RAY_ADDRESS``, which ``ray job submit`` sets) joins that cluster.
-    Without either, a local instance starts with the dashboard off: nothing listens
+    Without either, or with ``address="local"``, a private local instance starts with the dashboard off: nothing listens
     beyond this machine. Its logical CPU count is at least 4 so that the generation
     actors, the training workers and the read tasks can be scheduled together on a
-    2-core laptop (torch in each Ray worker uses one thread).
+    2-core laptop (torch in each Ray worker uses one thread), with the settings of
+    :data:`LOCAL_ENV`.
     """
     import ray
 
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":
         ray.init(address=address, log_to_driver=True)
         return False
+    # Set in this process (Ray Data may plan a read here) and so in the local Ray's
+    # processes, which inherit this environment.
+    for name, value in LOCAL_ENV.items():
+        os.environ.setdefault(name, value)
     cpus = num_cpus or max(4, os.cpu_count() or 1)
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
     return True

@@ -9,6 +9,7 @@ so every rank reports at the same optimizer steps.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 import tempfile
@@ -18,14 +19,9 @@ from pathlib import Path
 
 import torch
 
-from spin_ray.train_step import (
-    PairBatch,
-    gradients_finite,
-    make_lr_scheduler,
-    make_optimizer,
-    sft_batch_loss,
-    spin_batch_loss,
-)
+# spin_ray.train_step (hence diffusers, ~6 s of CPU to import) is imported inside the
+# functions that use it: Ray Train's controller unpickles train_loop_per_worker, importing
+# this module, and a worker should start its data stream before paying for that import.
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -76,6 +72,13 @@ def train_loop_per_worker(config: dict) -> None:
     plan: TrainPlan = config["plan"]
     context = ray.train.get_context()
     device = ray.train.torch.get_device()
+    # Pull the first batch while the models load: its pipeline has to start the generation
+    # actors (a process each, importing torch and diffusers, loading theta_k) first.
+    batches = StartedIterator(ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=plan.batch_size, drop_last=True, device=device,
+    ))
+    from spin_ray.train_step import make_lr_scheduler, make_optimizer
+
     torch.manual_seed(plan.seed + context.get_world_rank())
     unet, ref_unet, scheduler = _load_models(plan, device)
     model = ray.train.torch.prepare_model(unet) if context.get_world_size() > 1 else unet.to(device)
@@ -84,9 +87,6 @@ def train_loop_per_worker(config: dict) -> None:
                                      warmup_steps=plan.warmup_steps, total_steps=plan.steps)
     state = _restore(ray.train.get_checkpoint(), unet, optimizer, lr_scheduler)
     runner = _StepRunner(plan, model, ref_unet, scheduler, device)
-    batches = ray.train.get_dataset_shard("train").iter_torch_batches(
-        batch_size=plan.batch_size, drop_last=True, device=device,
-    )
     _run_steps(plan, state, batches, runner, unet, optimizer, lr_scheduler,
                rank=context.get_world_rank(), device=device)
 
@@ -149,6 +149,30 @@ def _load_models(plan: TrainPlan, device: torch.device):
     return unet, ref_unet, scheduler
 
 
+class StartedIterator:
+    """Iterates ``iterable``, whose first item a background thread starts fetching at once.
+
+    ``__iter__`` hands over that item (or re-raises what fetching it raised), then iterates
+    the rest in the caller's thread.
+    """
+
+    def __init__(self, iterable):
+        self._iterator = iter(iterable)
+        self._first = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="first-batch")
+        self._future = self._first.submit(next, self._iterator, _EXHAUSTED)
+        self._first.shutdown(wait=False)
+
+    def __iter__(self):
+        first = self._future.result()
+        if first is _EXHAUSTED:
+            return
+        yield first
+        yield from self._iterator
+
+
+_EXHAUSTED = object()
+
+
 class _StepRunner:
     """Forward and backward of one micro-batch, with autocast and accumulation scaling."""
 
@@ -158,6 +182,8 @@ class _StepRunner:
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     def forward_backward(self, columns: dict[str, torch.Tensor]) -> dict[str, float]:
+        from spin_ray.train_step import sft_batch_loss, spin_batch_loss
+
         batch = _as_pair_batch(columns, self.plan)
         with self.autocast:
             if self.plan.loss_type == "sft":
@@ -172,7 +198,9 @@ class _StepRunner:
         return out.metrics()
 
 
-def _as_pair_batch(columns: dict[str, torch.Tensor], plan: TrainPlan) -> PairBatch:
+def _as_pair_batch(columns: dict[str, torch.Tensor], plan: TrainPlan):
+    from spin_ray.train_step import PairBatch
+
     columns = dict(columns)
     columns["prompt_embeds"] = columns["prompt_embeds"].float()
     if plan.online_reference:
@@ -184,6 +212,8 @@ def _as_pair_batch(columns: dict[str, torch.Tensor], plan: TrainPlan) -> PairBat
 def _optimizer_step(unet, optimizer, lr_scheduler, max_grad_norm: float, *, loss_finite: bool = True) -> bool:
     """Clip and step; a non-finite loss or gradient skips the update (parameters and optimizer
     state stay as they were; the learning-rate schedule still advances). Returns whether it was applied."""
+    from spin_ray.train_step import gradients_finite
+
     params = [p for p in unet.parameters() if p.requires_grad]
     finite = loss_finite and gradients_finite(params)
     if finite:

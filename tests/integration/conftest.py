@@ -7,10 +7,11 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """Start a private local Ray (4 logical CPUs, no dashboard); shut it down at the end."""
+    """Start a private local Ray (4 logical CPUs, no dashboard), as the jobs do; shut it down at the end."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
+    from spin_ray.ray_session import ensure_ray
+
+    ensure_ray("local", num_cpus=4)
     yield ray
     ray.shutdown()

@@ -18,9 +18,9 @@ from spin_ray.toy.world import write_pickapic_parquet
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray instance for this module (reuses one that another fixture already started)."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
+    from spin_ray.ray_session import ensure_ray
+
+    started = ensure_ray("local", num_cpus=2)
     yield
     if started:
         ray.shutdown()

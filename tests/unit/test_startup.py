@@ -1,0 +1,98 @@
+"""What keeps an iteration's start-up short: the training worker starts its data stream before
+loading the models, the controller's import of spin_ray.trainer stays light, and a private
+local Ray gets the laptop settings of spin_ray.ray_session.LOCAL_ENV."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import spin_ray.ray_session
+from spin_ray.trainer import StartedIterator
+
+
+class Recorder:
+    """An iterable that records which thread fetched each item and can block the first fetch."""
+
+    def __init__(self, items, *, fail_first: Exception | None = None):
+        self.items, self.fail_first = list(items), fail_first
+        self.first_fetch_started = threading.Event()
+        self.threads: list[str] = []
+
+    def __iter__(self):
+        self.first_fetch_started.set()
+        if self.fail_first is not None:
+            raise self.fail_first
+        for item in self.items:
+            self.threads.append(threading.current_thread().name)
+            yield item
+
+
+def test_started_iterator_fetches_the_first_item_before_anyone_iterates():
+    source = Recorder(range(3))
+    started = StartedIterator(source)
+    assert source.first_fetch_started.wait(timeout=10), "the first fetch did not start on construction"
+    assert list(started) == [0, 1, 2]
+    assert source.threads[0].startswith("first-batch")
+    assert source.threads[1] == source.threads[2] == threading.current_thread().name
+
+
+def test_started_iterator_of_nothing_is_empty():
+    assert list(StartedIterator([])) == []
+
+
+def test_started_iterator_raises_what_the_first_fetch_raised_in_the_caller():
+    started = StartedIterator(Recorder([1], fail_first=RuntimeError("dataset shard unreadable")))
+    with pytest.raises(RuntimeError, match="dataset shard unreadable"):
+        list(started)
+
+
+def test_importing_the_trainer_does_not_import_diffusers():
+    """Ray Train's controller imports spin_ray.trainer to unpickle the training function; diffusers
+    (seconds of CPU) is imported by the workers when they load the models."""
+    code = "import sys, spin_ray.trainer; print('diffusers' in sys.modules, 'spin_ray.train_step' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.fixture
+def fake_ray(monkeypatch):
+    """ray.init and ray.is_initialized replaced by a recorder; the environment restored after."""
+    import ray
+
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    for name in [*spin_ray.ray_session.LOCAL_ENV, "RAY_ADDRESS"]:
+        monkeypatch.setenv(name, "unset")  # so that monkeypatch restores the variable's absence too
+        monkeypatch.delenv(name)
+    return calls
+
+
+def test_a_local_instance_gets_the_laptop_settings(fake_ray, monkeypatch):
+    import os
+
+    monkeypatch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "5")  # the user's own value wins
+    assert spin_ray.ray_session.ensure_ray(None, num_cpus=3) is True
+    assert fake_ray == [{"address": "local", "num_cpus": 3, "include_dashboard": False, "log_to_driver": True}]
+    assert os.environ["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] == "5"
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == spin_ray.ray_session.LOCAL_ENV[
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
+
+
+def test_a_cluster_keeps_rays_defaults(fake_ray, monkeypatch):
+    import os
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert spin_ray.ray_session.ensure_ray() is False
+    assert fake_ray == [{"address": "10.0.0.1:6379", "log_to_driver": True}]
+    assert not set(spin_ray.ray_session.LOCAL_ENV) & set(os.environ)
+
+
+def test_address_local_starts_a_private_instance_even_inside_a_cluster_job(fake_ray, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert spin_ray.ray_session.ensure_ray("local", num_cpus=4) is True
+    assert fake_ray[0]["address"] == "local" and fake_ray[0]["include_dashboard"] is False
