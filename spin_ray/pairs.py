@@ -76,13 +76,21 @@ def cached_opponent_files(opponents_dir: str) -> tuple[list[str], np.ndarray]:
     return files, np.asarray(sorted(seen), dtype=np.int64)
 
 
-def spin_pairs(samples, spec: GeneratorSpec, *, batch_size: int, num_actors: int, gpus_per_actor: float,
-               resources: dict[str, float] | None = None):
-    """(real, synthetic) pair rows: cached opponents first, then freshly generated ones."""
+def spin_pairs(samples, spec: GeneratorSpec, *, n_samples: int, batch_size: int, num_actors: int,
+               gpus_per_actor: float, resources: dict[str, float] | None = None):
+    """(real, synthetic) pair rows: cached opponents first, then freshly generated ones.
+
+    When ``spec.opponents_dir`` already holds all ``n_samples`` opponents (a rerun, or Tune
+    trials sharing one generation) no generation actor starts: on a GPU cluster an idle
+    actor would hold a GPU and load theta_k for nothing.
+    """
     import ray.data
 
     files, done_ids = cached_opponent_files(spec.opponents_dir) if spec.opponents_dir else ([], None)
-    if len(files):
+    cached = ray.data.read_parquet(files).select_columns(PAIR_COLUMNS) if files else None
+    if cached is not None and len(done_ids) >= n_samples:
+        return cached
+    if cached is not None:
         samples = samples.map_batches(_without_ids, fn_kwargs={"done_ids": done_ids}, batch_format="numpy")
     # One generator batch per block: Ray Data streams whole blocks, so a block of a prepared
     # parquet file (thousands of rows) would hold the trainer back until all of it was generated.
@@ -95,10 +103,7 @@ def spin_pairs(samples, spec: GeneratorSpec, *, batch_size: int, num_actors: int
         num_gpus=gpus_per_actor or None,
         resources=resources or None,
     ).select_columns(PAIR_COLUMNS)
-    if not files:
-        return fresh
-    cached = ray.data.read_parquet(files).select_columns(PAIR_COLUMNS)
-    return cached.union(fresh)
+    return fresh if cached is None else cached.union(fresh)
 
 
 def sft_samples(samples, *, run_seed: int, iteration: int):

@@ -175,7 +175,7 @@ def opponent_pairs(cfg: Config, rundir: RunDir, opponents_rel: str, *, model_pat
 
     return spin_pairs(sample_table(prepared.path, prepared.n_rows, n_samples),
                       _generator_spec(cfg, rundir, opponents_rel, model_path, iteration),
-                      batch_size=cfg.generation.batch_size, num_actors=cfg.generation.num_actors,
+                      n_samples=n_samples, batch_size=cfg.generation.batch_size, num_actors=cfg.generation.num_actors,
                       gpus_per_actor=cfg.generation.gpus_per_actor,
                       resources=_label(cfg.cluster.generation_node_label))
 

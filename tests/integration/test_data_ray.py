@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import ray
@@ -113,3 +114,36 @@ def test_ray_reader_bad_rows(ray_local, tmp_path):
     dataset, stats = read_sft_dataset(DataConfig(path=str(path), on_bad_row="skip", max_bad_fraction=0.2))
     assert sorted(row["row_id"] for row in dataset.take_all()) == [0, 1, 2, 3, 5]
     assert stats.bad_rows == {"bad_label": 1}
+
+
+def opponent_rows(first_id: int, n: int) -> dict:
+    """A generated batch as spin_ray.generation writes it (tiny shapes)."""
+    rng = np.random.default_rng(first_id)
+    ids = np.arange(first_id, first_id + n, dtype=np.int64)
+    return {"sample_id": ids, "noise_seed": ids + 100, "prompt": np.asarray([f"p{i}" for i in ids], dtype=object),
+            "prompt_embeds": rng.standard_normal((n, 3, 8)).astype(np.float32),
+            "latents_real": rng.standard_normal((n, 4, 2, 2)).astype(np.float32),
+            "latents_syn": rng.standard_normal((n, 4, 2, 2)).astype(np.float32),
+            "ref_mse_real": rng.random(n).astype(np.float32), "ref_mse_syn": rng.random(n).astype(np.float32)}
+
+
+def test_fully_cached_opponents_start_no_generator(ray_local, tmp_path):
+    """A rerun, or a Tune trial on its iteration's shared opponents, reads the cache only: the
+    generator spec points at no model, so a generation actor would fail the read."""
+    from spin_ray.generation import PAIR_COLUMNS, GeneratorSpec, write_opponent_batch
+    from spin_ray.pairs import spin_pairs
+
+    folder = str(tmp_path / "opponents")
+    batches = [opponent_rows(0, 3), opponent_rows(3, 3)]
+    for batch in batches:
+        write_opponent_batch(folder, batch)
+    spec = GeneratorSpec(model_path=str(tmp_path / "no-model"), iteration=1, run_seed=0, num_inference_steps=2,
+                         guidance_scale=1.0, eta=0.0, precompute_reference=True, shared_noise=True,
+                         opponents_dir=folder)
+    samples = ray.data.from_items([{"sample_id": i, "row_id": i} for i in range(6)])
+    pairs = spin_pairs(samples, spec, n_samples=6, batch_size=2, num_actors=1, gpus_per_actor=0)
+    rows = sorted(pairs.take_all(), key=lambda row: row["sample_id"])
+    assert [row["sample_id"] for row in rows] == list(range(6))
+    assert set(rows[0]) == set(PAIR_COLUMNS)
+    np.testing.assert_array_equal(np.stack([row["latents_syn"] for row in rows]),
+                                  np.concatenate([b["latents_syn"] for b in batches]))
