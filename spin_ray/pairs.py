@@ -27,13 +27,41 @@ def _with_sample_id(batch: dict[str, np.ndarray], repeat: int) -> dict[str, np.n
     return out
 
 
-def sample_table(prepared_path: str, n_rows: int, n_samples: int):
-    """The iteration's ``n_samples`` sample rows (lazy dataset, deterministic order)."""
+IN_MEMORY_TABLE_BYTES = 512 << 20
+"""A prepared table up to this size (of parquet files) is read by the driver, not by Ray Data."""
+
+
+def read_prepared(prepared_path: str):
+    """The prepared real table as a dataset, rows in the order of its sorted file names.
+
+    A small table (at most :data:`IN_MEMORY_TABLE_BYTES`) is read here with pyarrow and
+    handed to Ray as in-memory blocks: ``read_parquet`` starts a listing task, footer-reading
+    actors and read tasks for every use of it, seconds of process start-up per iteration on a
+    small machine, and once more for each repeat of the rows (:func:`sample_table`).
+    """
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     import ray.data
 
+    fs, root = fsspec.core.url_to_fs(prepared_path)
+    files = [root] if fs.isfile(root) else sorted(
+        path for path in fs.find(root)
+        if path.endswith(".parquet") and not path.rsplit("/", 1)[-1].startswith((".", "_")))
+    if sum(fs.size(path) for path in files) > IN_MEMORY_TABLE_BYTES:
+        return ray.data.read_parquet(prepared_path, file_extensions=["parquet"])
+    tables = []
+    for path in files:
+        with fs.open(path, "rb") as handle:
+            tables.append(pq.read_table(handle))
+    return ray.data.from_arrow(pa.concat_tables(tables))
+
+
+def sample_table(prepared_path: str, n_rows: int, n_samples: int):
+    """The iteration's ``n_samples`` sample rows (lazy dataset, deterministic order)."""
     if n_rows < 1:
         raise ValueError(f"{prepared_path}: the prepared table is empty")
-    base = ray.data.read_parquet(prepared_path, file_extensions=["parquet"])
+    base = read_prepared(prepared_path)
     repeats = math.ceil(n_samples / n_rows)
     copies = [base.map_batches(_with_sample_id, fn_kwargs={"repeat": r}, batch_format="numpy")
               for r in range(repeats)]

@@ -147,3 +147,33 @@ def test_fully_cached_opponents_start_no_generator(ray_local, tmp_path):
     assert set(rows[0]) == set(PAIR_COLUMNS)
     np.testing.assert_array_equal(np.stack([row["latents_syn"] for row in rows]),
                                   np.concatenate([b["latents_syn"] for b in batches]))
+
+
+def test_a_small_prepared_table_read_in_memory_gives_what_read_parquet_gives(ray_local, tmp_path, monkeypatch):
+    """sample_table reads a small prepared table in the driver; a large one with Ray Data's
+    read_parquet. Both give the same sample rows in the same order, repeats included."""
+    import spin_ray.pairs
+    from spin_ray.pairs import REPEAT_SHIFT, sample_table
+
+    rng = np.random.default_rng(0)
+    rows = [{"row_id": row_id, "prompt": f"prompt {row_id}",
+             "prompt_embeds": rng.standard_normal((3, 8)).astype(np.float32),
+             "latents_real": rng.standard_normal((4, 2, 2)).astype(np.float32)} for row_id in (5, 1, 9, 2, 7, 3, 8)]
+    # The trainer's DataConfig preserves order, as here; without it Ray Data yields blocks as they finish.
+    monkeypatch.setattr(ray.data.DataContext.get_current().execution_options, "preserve_order", True)
+    prepared = tmp_path / "prepared"
+    ray.data.from_items(rows).repartition(3).write_parquet(str(prepared))
+    assert len(list(prepared.glob("*.parquet"))) == 3
+
+    def samples():
+        taken = sample_table(str(prepared), n_rows=len(rows), n_samples=17).take_all()
+        return [(r["sample_id"], r["row_id"], r["prompt"], r["prompt_embeds"].tolist(), r["latents_real"].tolist())
+                for r in taken]
+
+    in_memory = samples()
+    monkeypatch.setattr(spin_ray.pairs, "IN_MEMORY_TABLE_BYTES", 0)
+    assert samples() == in_memory
+    sample_ids = [sample_id for sample_id, *_ in in_memory]
+    assert len(sample_ids) == 17 == len(set(sample_ids))
+    assert [sample_id >> REPEAT_SHIFT for sample_id in sample_ids] == [0] * 7 + [1] * 7 + [2] * 3
+    assert sorted(row_id for _, row_id, *_ in in_memory[:7]) == sorted(r["row_id"] for r in rows)
