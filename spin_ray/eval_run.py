@@ -283,23 +283,22 @@ class EvalImageGenerator:
 
     Row i is sampled by DDIM with classifier-free guidance from the noise of its ``seed``
     (so it does not depend on the batch) and decoded by the VAE to a
-    ``resolution`` x ``resolution`` RGB image. float16 on CUDA, float32 on CPU.
+    ``resolution`` x ``resolution`` RGB image. float16 on CUDA, float32 on CPU; the UNet goes
+    through the generators' fast path (:func:`spin_ray.fast_path.prepare_unet_for_inference`).
     """
 
     def __init__(self, spec: ImageSpec):
         import torch
 
-        from spin_ray.diffusion import load_components
+        from spin_ray.diffusion import load_components, pick_device
+        from spin_ray.fast_path import prepare_unet_for_inference
 
         self.spec = spec
-        if spec.device == "auto":
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            self.device = torch.device(spec.device)
+        self.device = pick_device(spec.device)
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.components = load_components(_local_model(spec.model), local_files_only=spec.local_files_only,
                                           device=self.device, dtype=dtype)
-        self.components.unet.requires_grad_(False)
+        prepare_unet_for_inference(self.components.unet, self.device, dtype=dtype)
         self.latent_shape = self.components.latent_shape(spec.resolution)
         with torch.inference_mode():
             self.negative_embeds = self._embed([""])

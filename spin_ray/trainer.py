@@ -9,10 +9,10 @@ so every rank reports at the same optimizer steps.
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import math
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -153,20 +153,30 @@ class StartedIterator:
     """Iterates ``iterable``, whose first item a background thread starts fetching at once.
 
     ``__iter__`` hands over that item (or re-raises what fetching it raised), then iterates
-    the rest in the caller's thread.
+    the rest in the caller's thread. The thread is a daemon: a worker that fails before
+    iterating still exits.
     """
 
     def __init__(self, iterable):
         self._iterator = iter(iterable)
-        self._first = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="first-batch")
-        self._future = self._first.submit(next, self._iterator, _EXHAUSTED)
-        self._first.shutdown(wait=False)
+        self._first: list[tuple[bool, object]] = []
+        self._thread = threading.Thread(target=self._fetch_first, name="first-batch", daemon=True)
+        self._thread.start()
+
+    def _fetch_first(self) -> None:
+        try:
+            self._first.append((True, next(self._iterator, _EXHAUSTED)))
+        except BaseException as err:  # handed to the iterating thread
+            self._first.append((False, err))
 
     def __iter__(self):
-        first = self._future.result()
-        if first is _EXHAUSTED:
+        self._thread.join()
+        fetched, value = self._first[0]
+        if not fetched:
+            raise value
+        if value is _EXHAUSTED:
             return
-        yield first
+        yield value
         yield from self._iterator
 
 

@@ -37,6 +37,26 @@ def test_generator_prepares_its_unet(tiny_pipeline_dir):
     assert getattr(unet, "_compiled_call_impl", None) is None
 
 
+def test_evaluation_generator_prepares_its_unet(tiny_pipeline_dir, monkeypatch):
+    import spin_ray.fast_path
+    from spin_ray.eval_run import EvalImageGenerator, ImageSpec
+
+    prepared = []
+    real_prepare = spin_ray.fast_path.prepare_unet_for_inference
+
+    def recording_prepare(unet, device, **kwargs):
+        prepared.append((unet, torch.device(device), kwargs["dtype"]))
+        return real_prepare(unet, device, **kwargs)
+
+    monkeypatch.setattr(spin_ray.fast_path, "prepare_unet_for_inference", recording_prepare)
+    generator = EvalImageGenerator(ImageSpec(model=str(tiny_pipeline_dir), resolution=128, num_inference_steps=2,
+                                             guidance_scale=2.0, device="cpu"))
+    unet = generator.components.unet
+    assert prepared == [(unet, CPU, torch.float32)]
+    assert not unet.training and not any(p.requires_grad for p in unet.parameters())
+    assert all(isinstance(p, AttnProcessor2_0) for p in unet.attn_processors.values())
+
+
 def test_generator_compile_flag_compiles_the_unet(tiny_pipeline_dir):
     unet = OpponentGenerator(spec(tiny_pipeline_dir, compile=True)).components.unet
     assert getattr(unet, "_compiled_call_impl", None) is not None  # nn.Module.compile()'s marker (lazy)

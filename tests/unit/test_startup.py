@@ -35,6 +35,7 @@ def test_started_iterator_fetches_the_first_item_before_anyone_iterates():
     source = Recorder(range(3))
     started = StartedIterator(source)
     assert source.first_fetch_started.wait(timeout=10), "the first fetch did not start on construction"
+    assert started._thread.daemon, "a worker that fails before iterating must still be able to exit"
     assert list(started) == [0, 1, 2]
     assert source.threads[0].startswith("first-batch")
     assert source.threads[1] == source.threads[2] == threading.current_thread().name
