@@ -212,7 +212,7 @@ class ClusterConfig:
 
     address: str | None = None
     """Ray address; None: join the running cluster if there is one (``RAY_ADDRESS`` or
-    ``ray job submit``), else start a local instance."""
+    ``ray job submit``), else start a local instance; ``local``: always a private local instance."""
     generation_node_label: str | None = None
     """Custom resource a node type offers to host generation actors (e.g. ``gen_node``)."""
     train_node_label: str | None = None

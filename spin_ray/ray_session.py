@@ -20,11 +20,11 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> bo
     """Make sure Ray is initialised; returns True when this call started a local instance.
 
     ``address`` (or ``RAY_ADDRESS``, which ``ray job submit`` sets) joins that cluster.
-    Without either, or with ``address="local"``, a private local instance starts with the dashboard off: nothing listens
-    beyond this machine. Its logical CPU count is at least 4 so that the generation
-    actors, the training workers and the read tasks can be scheduled together on a
-    2-core laptop (torch in each Ray worker uses one thread), with the settings of
-    :data:`LOCAL_ENV`.
+    Without either, or with ``address="local"``, a private local instance starts with the
+    dashboard off: nothing listens beyond this machine. Its logical CPU count is at least 4
+    so that the generation actors, the training workers and the read tasks can be scheduled
+    together on a 2-core laptop (torch in each Ray worker uses one thread), with the
+    settings of :data:`LOCAL_ENV`.
     """
     import ray
 
