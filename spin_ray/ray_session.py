@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 LOCAL_ENV = {
     # Ray 2.60 starts 32 parquet footer-reading actors (each a process) for every read_parquet,
@@ -30,6 +31,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> bo
 
     if ray.is_initialized():
         return False
+    log_data_progress_as_lines()
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
         ray.init(address=address, log_to_driver=True)
@@ -41,3 +43,13 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> bo
     cpus = num_cpus or max(4, os.cpu_count() or 1)
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
     return True
+
+
+def log_data_progress_as_lines() -> None:
+    """When this process's output is not a terminal (``ray job submit`` logs, CI), Ray Data
+    reports pipeline progress as periodic log lines: its default distributed progress bars
+    reach such output as a flood of cursor-movement escape codes. Call before building datasets."""
+    if not sys.stdout.isatty():
+        from ray.data import DataContext
+
+        DataContext.get_current().use_ray_tqdm = False

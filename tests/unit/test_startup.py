@@ -4,6 +4,7 @@ local Ray gets the laptop settings of spin_ray.ray_session.LOCAL_ENV."""
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import threading
@@ -61,9 +62,12 @@ def test_importing_the_trainer_does_not_import_diffusers():
 
 @pytest.fixture
 def fake_ray(monkeypatch):
-    """ray.init and ray.is_initialized replaced by a recorder; the environment restored after."""
+    """ray.init and ray.is_initialized replaced by a recorder; the environment and Ray Data's
+    progress setting restored after."""
     import ray
+    from ray.data import DataContext
 
+    monkeypatch.setattr(DataContext.get_current(), "use_ray_tqdm", True)
     calls: list[dict] = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
@@ -97,3 +101,21 @@ def test_address_local_starts_a_private_instance_even_inside_a_cluster_job(fake_
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert spin_ray.ray_session.ensure_ray("local", num_cpus=4) is True
     assert fake_ray[0]["address"] == "local" and fake_ray[0]["include_dashboard"] is False
+
+
+class Output(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_data_progress_is_logged_as_lines_unless_output_is_a_terminal(fake_ray, monkeypatch, tty):
+    from ray.data import DataContext
+
+    monkeypatch.setattr(sys, "stdout", Output(tty))
+    spin_ray.ray_session.ensure_ray("local")
+    assert DataContext.get_current().use_ray_tqdm is tty
