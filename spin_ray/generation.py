@@ -4,7 +4,10 @@ For each batch of real rows it samples the opponent's synthetic latents x0' with
 classifier-free guidance (no VAE decode), and, in ``precomputed`` reference mode, the
 opponent's per-sample denoising errors on the real and synthetic latents at the (t, eps)
 the trainer will use (DESIGN.md section 3). Each output batch is also written to the
-iteration's ``opponents/`` directory, so a restarted iteration does not generate it again.
+iteration's ``opponents/`` directory (:mod:`spin_ray.opponents`), so a restarted iteration
+does not generate it again, and a batch already there (the pipeline running again after a
+training worker group was replaced, or a restarted actor redoing its batches) is read back
+instead of generated.
 
 Seeds are derived per sample from (run seed, iteration, sample id), never from the batch,
 so reruns reproduce every sample whatever the batching or the number of actors.
@@ -20,16 +23,19 @@ that do need them.
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass
 
 import numpy as np
+
+from spin_ray.opponents import find_batch, write_batch
 
 SAMPLING_STREAM = 0
 NOISE_STREAM = 1
 # Columns of a pair row that the trainer consumes (no strings: iter_torch_batches can't carry them).
 PAIR_COLUMNS = ["sample_id", "noise_seed", "prompt_embeds", "latents_real", "latents_syn",
                 "ref_mse_real", "ref_mse_syn"]
+# What the generator adds to its input rows.
+GENERATED_COLUMNS = ["latents_syn", "noise_seed", "ref_mse_real", "ref_mse_syn", "generated_at"]
 
 
 def derive_seed(run_seed: int, iteration: int, sample_id: int, stream: int) -> int:
@@ -68,6 +74,7 @@ class OpponentGenerator:
     ``latents_real`` (B, C, h, w). Output adds ``latents_syn`` (B, C, h, w) float32,
     ``noise_seed`` (B,) int64, ``ref_mse_real``/``ref_mse_syn`` (B,) float32 (NaN when the
     trainer computes the reference online) and ``generated_at`` (B,) float64 unix time.
+    A batch already in ``spec.opponents_dir`` is returned as stored.
     """
 
     def __init__(self, spec: GeneratorSpec):
@@ -92,6 +99,11 @@ class OpponentGenerator:
         from spin_ray.diffusion import sample_latents
 
         spec = self.spec
+        if spec.opponents_dir:
+            columns = list(dict.fromkeys([*batch, *GENERATED_COLUMNS]))
+            cached = find_batch(spec.opponents_dir, np.asarray(batch["sample_id"]), columns)
+            if cached is not None:
+                return cached
         sample_ids = [int(s) for s in batch["sample_id"]]
         embeds = torch.as_tensor(np.asarray(batch["prompt_embeds"]), device=self.device, dtype=self.dtype)
         latents_real = torch.as_tensor(np.asarray(batch["latents_real"]), device=self.device, dtype=torch.float32)
@@ -112,7 +124,7 @@ class OpponentGenerator:
         out["ref_mse_syn"] = ref_syn
         out["generated_at"] = np.full(len(sample_ids), time.time())
         if spec.opponents_dir:
-            write_opponent_batch(spec.opponents_dir, out)
+            write_batch(spec.opponents_dir, out)
         return out
 
     def _reference_errors(self, latents_real, latents_syn, embeds, noise_seeds):
@@ -129,30 +141,3 @@ class OpponentGenerator:
                 latents_syn.to(self.dtype), embeds, torch.tensor(noise_seeds), shared_noise=self.spec.shared_noise,
             )
         return mse_real.float().cpu().numpy(), mse_syn.float().cpu().numpy()
-
-
-def write_opponent_batch(opponents_dir: str, batch: dict[str, np.ndarray]) -> str:
-    """Write one generated batch as a parquet file, atomically (temp name, then rename).
-
-    Returns the file's path. Tensor columns use Ray's Arrow tensor type, so
-    ``ray.data.read_parquet`` gives them back as arrays of their original shape.
-    """
-    import fsspec
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from ray.data.extensions import ArrowTensorArray
-
-    columns = {}
-    for name, values in batch.items():
-        values = np.asarray(values)
-        columns[name] = ArrowTensorArray.from_numpy(values) if values.ndim > 1 else pa.array(values)
-    table = pa.table(columns)
-    fs, root = fsspec.core.url_to_fs(opponents_dir)
-    fs.makedirs(root, exist_ok=True)
-    name = f"part-{int(np.min(batch['sample_id'])):020d}-{uuid.uuid4().hex[:8]}.parquet"
-    final = f"{root.rstrip('/')}/{name}"
-    tmp = f"{root.rstrip('/')}/.{name}.tmp"  # not *.parquet: readers never pick up a partial file
-    with fs.open(tmp, "wb") as handle:
-        pq.write_table(table, handle)
-    fs.mv(tmp, final)
-    return final

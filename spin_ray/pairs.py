@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from spin_ray.generation import NOISE_STREAM, PAIR_COLUMNS, GeneratorSpec, OpponentGenerator, derive_seed
+from spin_ray.opponents import cached_files
 
 REPEAT_SHIFT = 32  # sample_id = repeat << 32 | row_id
 
@@ -81,29 +82,6 @@ def _with_noise_seed(batch: dict[str, np.ndarray], run_seed: int, iteration: int
     return out
 
 
-def cached_opponent_files(opponents_dir: str) -> tuple[list[str], np.ndarray]:
-    """Finished opponent files in ``opponents_dir`` and the sample ids they hold.
-
-    A batch redone after a crash may have been written twice: later files that overlap an
-    earlier one are left out, so every sample is read once.
-    """
-    import fsspec
-    import pyarrow.parquet as pq
-
-    fs, root = fsspec.core.url_to_fs(opponents_dir)
-    if not fs.exists(root):
-        return [], np.zeros(0, dtype=np.int64)
-    files, seen = [], set()
-    for path in sorted(fs.glob(f"{root.rstrip('/')}/*.parquet")):
-        with fs.open(path, "rb") as handle:
-            ids = set(pq.read_table(handle, columns=["sample_id"]).column("sample_id").to_pylist())
-        if ids & seen:
-            continue
-        seen |= ids
-        files.append(path if "://" not in opponents_dir else f"{opponents_dir.split('://')[0]}://{path}")
-    return files, np.asarray(sorted(seen), dtype=np.int64)
-
-
 def spin_pairs(samples, spec: GeneratorSpec, *, n_samples: int, batch_size: int, num_actors: int,
                gpus_per_actor: float, resources: dict[str, float] | None = None):
     """(real, synthetic) pair rows: cached opponents first, then freshly generated ones.
@@ -114,7 +92,7 @@ def spin_pairs(samples, spec: GeneratorSpec, *, n_samples: int, batch_size: int,
     """
     import ray.data
 
-    files, done_ids = cached_opponent_files(spec.opponents_dir) if spec.opponents_dir else ([], None)
+    files, done_ids = cached_files(spec.opponents_dir) if spec.opponents_dir else ([], None)
     cached = ray.data.read_parquet(files).select_columns(PAIR_COLUMNS) if files else None
     if cached is not None and len(done_ids) >= n_samples:
         return cached

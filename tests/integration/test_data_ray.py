@@ -130,13 +130,14 @@ def opponent_rows(first_id: int, n: int) -> dict:
 def test_fully_cached_opponents_start_no_generator(ray_local, tmp_path):
     """A rerun, or a Tune trial on its iteration's shared opponents, reads the cache only: the
     generator spec points at no model, so a generation actor would fail the read."""
-    from spin_ray.generation import PAIR_COLUMNS, GeneratorSpec, write_opponent_batch
+    from spin_ray.generation import PAIR_COLUMNS, GeneratorSpec
+    from spin_ray.opponents import write_batch
     from spin_ray.pairs import spin_pairs
 
     folder = str(tmp_path / "opponents")
     batches = [opponent_rows(0, 3), opponent_rows(3, 3)]
     for batch in batches:
-        write_opponent_batch(folder, batch)
+        write_batch(folder, batch)
     spec = GeneratorSpec(model_path=str(tmp_path / "no-model"), iteration=1, run_seed=0, num_inference_steps=2,
                          guidance_scale=1.0, eta=0.0, precompute_reference=True, shared_noise=True,
                          opponents_dir=folder)

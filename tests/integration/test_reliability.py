@@ -134,9 +134,9 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 def read_opponent_ids(run_dir: Path) -> list[int]:
-    from spin_ray.pairs import cached_opponent_files
+    from spin_ray.opponents import cached_files
 
-    files, ids = cached_opponent_files(str(run_dir / "iter_1" / "opponents"))
+    files, ids = cached_files(str(run_dir / "iter_1" / "opponents"))
     rows = [i for f in files for i in pq.read_table(f, columns=["sample_id"]).column("sample_id").to_pylist()]
     assert sorted(rows) == sorted(ids.tolist()), "a sample was read twice"
     return rows
@@ -368,14 +368,13 @@ def opponent_batch(first_id: int) -> dict[str, np.ndarray]:
 
 
 def test_an_opponent_batch_cut_off_mid_write_is_never_read(tmp_path, monkeypatch):
-    """No Ray cluster needed: spin_ray.generation writes, spin_ray.pairs reads."""
+    """No Ray cluster needed: spin_ray.opponents writes and reads."""
     import pyarrow.parquet
 
-    from spin_ray.generation import write_opponent_batch
-    from spin_ray.pairs import cached_opponent_files
+    from spin_ray.opponents import cached_files, write_batch
 
     folder = str(tmp_path / "opponents")
-    good = [write_opponent_batch(folder, opponent_batch(i)) for i in (0, 2)]
+    good = [write_batch(folder, opponent_batch(i)) for i in (0, 2)]
     real_write_table = pyarrow.parquet.write_table
 
     def dies_halfway(table, where, **kwargs):
@@ -385,19 +384,19 @@ def test_an_opponent_batch_cut_off_mid_write_is_never_read(tmp_path, monkeypatch
 
     monkeypatch.setattr(pyarrow.parquet, "write_table", dies_halfway)
     with pytest.raises(WriterKilled):
-        write_opponent_batch(folder, opponent_batch(4))
+        write_batch(folder, opponent_batch(4))
     monkeypatch.undo()
     leftovers = [p for p in Path(folder).iterdir() if p.name.endswith(".tmp")]
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".part-") and leftovers[0].stat().st_size > 0
 
-    files, ids = cached_opponent_files(folder)
+    files, ids = cached_files(folder)
     assert sorted(files) == sorted(good) and ids.tolist() == [0, 1, 2, 3]
 
     # The actor is restarted and the batch redone: a whole file now, read once. A batch
     # written twice (the actor died after its rename) is read once too.
-    redone = write_opponent_batch(folder, opponent_batch(4))
-    write_opponent_batch(folder, opponent_batch(2))
-    files, ids = cached_opponent_files(folder)
+    redone = write_batch(folder, opponent_batch(4))
+    write_batch(folder, opponent_batch(2))
+    files, ids = cached_files(folder)
     assert ids.tolist() == [0, 1, 2, 3, 4, 5] and len(files) == 3 and redone in files
     rows = pq.read_table(files).to_pydict()
     assert sorted(rows["sample_id"]) == [0, 1, 2, 3, 4, 5]

@@ -1,0 +1,95 @@
+"""An iteration's opponent cache on disk: ``iter_k/opponents/part-<first sample id>-<uid>.parquet``.
+
+Each batch the opponent generator produces is written as one parquet file, atomically, so a
+rerun, or a pipeline run again after a failure, reuses what was generated instead of
+generating it again (DESIGN.md section 3: seeds depend on the sample, so a cached opponent
+is exactly what generating it again would give).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+
+FILE_PATTERN = "part-{first_id:020d}-{uid}.parquet"
+
+
+def write_batch(opponents_dir: str, batch: dict[str, np.ndarray]) -> str:
+    """Write one generated batch as a parquet file, atomically (temp name, then rename).
+
+    Returns the file's path. Tensor columns use Ray's Arrow tensor type, so
+    ``ray.data.read_parquet`` gives them back as arrays of their original shape.
+    """
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.data.extensions import ArrowTensorArray
+
+    columns = {}
+    for name, values in batch.items():
+        values = np.asarray(values)
+        columns[name] = ArrowTensorArray.from_numpy(values) if values.ndim > 1 else pa.array(values)
+    table = pa.table(columns)
+    fs, root = fsspec.core.url_to_fs(opponents_dir)
+    fs.makedirs(root, exist_ok=True)
+    name = FILE_PATTERN.format(first_id=int(np.min(batch["sample_id"])), uid=uuid.uuid4().hex[:8])
+    final = f"{root.rstrip('/')}/{name}"
+    tmp = f"{root.rstrip('/')}/.{name}.tmp"  # not *.parquet: readers never pick up a partial file
+    with fs.open(tmp, "wb") as handle:
+        pq.write_table(table, handle)
+    fs.mv(tmp, final)
+    return final
+
+
+def cached_files(opponents_dir: str) -> tuple[list[str], np.ndarray]:
+    """Finished opponent files in ``opponents_dir`` and the sample ids they hold.
+
+    A batch redone after a crash may have been written twice: later files that overlap an
+    earlier one are left out, so every sample is read once.
+    """
+    import fsspec
+    import pyarrow.parquet as pq
+
+    fs, root = fsspec.core.url_to_fs(opponents_dir)
+    if not fs.exists(root):
+        return [], np.zeros(0, dtype=np.int64)
+    files, seen = [], set()
+    for path in sorted(fs.glob(f"{root.rstrip('/')}/*.parquet")):
+        with fs.open(path, "rb") as handle:
+            ids = set(pq.read_table(handle, columns=["sample_id"]).column("sample_id").to_pylist())
+        if ids & seen:
+            continue
+        seen |= ids
+        files.append(path if "://" not in opponents_dir else f"{opponents_dir.split('://')[0]}://{path}")
+    return files, np.asarray(sorted(seen), dtype=np.int64)
+
+
+def find_batch(opponents_dir: str, sample_ids: np.ndarray, columns: list[str]) -> dict[str, np.ndarray] | None:
+    """The ``columns`` of an already written batch of exactly ``sample_ids`` (rows in that
+    order), or None.
+
+    Only files named after the batch's first sample id are opened: one listing per batch. A
+    file that does not parse or lacks a column does not count (the batch is generated again).
+    """
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.data.block import BlockAccessor
+
+    sample_ids = np.asarray(sample_ids, dtype=np.int64)
+    fs, root = fsspec.core.url_to_fs(opponents_dir)
+    prefix = FILE_PATTERN.format(first_id=int(sample_ids.min()), uid="")[:-len(".parquet")]
+    for path in sorted(fs.glob(f"{root.rstrip('/')}/{prefix}*.parquet")):
+        try:
+            with fs.open(path, "rb") as handle:
+                table = pq.read_table(handle, columns=columns)
+        except (OSError, ValueError, pa.ArrowException):
+            continue
+        stored = table.column("sample_id").to_numpy()
+        if len(stored) != len(sample_ids) or set(stored.tolist()) != set(sample_ids.tolist()):
+            continue
+        row_of = {int(sample_id): row for row, sample_id in enumerate(stored)}
+        ordered = table.take(pa.array([row_of[int(s)] for s in sample_ids], type=pa.int64()))
+        return BlockAccessor.for_block(ordered).to_batch_format("numpy")
+    return None
