@@ -337,6 +337,9 @@ def test_killed_driver_generation_actor_and_training_worker_lose_no_work(
     after_third = modified_times(opponent_files(run_dir))
     assert {name: after_third.get(name) for name in after_second} == after_second, "opponent batches were rewritten"
     assert len(read_opponent_ids(run_dir)) == N_SAMPLES
+    # The replaced worker group ran the pipeline again; the generator read back the batches
+    # written before instead of generating them again, and the restarted actor its redone one.
+    assert len(after_third) == N_BATCHES, f"batches generated twice: {sorted(after_third)}"
     resumed_again = [int(step) for step in RESUMED.findall(output)]
     assert len(resumed_again) == 1 and resumed_at < resumed_again[0] < STEPS, output[-3000:]
     assert (run_dir / "iter_1" / "DONE").is_file() and (run_dir / "iter_1" / "model" / "DONE").is_file()
