@@ -11,20 +11,22 @@ import yaml
 
 from spin_ray.config import ConfigError, from_dict
 from spin_ray.sweep import (
-    Dimension,
-    SweepError,
     TrialRow,
-    apply_sweep_overrides,
     lineage_chain,
-    load_sweep,
     max_samples,
-    parse_sweep,
     plot_beta_vs_metric,
     rows_from_results,
     select_winner,
+    trials_markdown,
+)
+from spin_ray.sweep_config import (
+    Dimension,
+    SweepError,
+    apply_sweep_overrides,
+    load_sweep,
+    parse_sweep,
     split_overrides,
     trial_resources,
-    trials_markdown,
 )
 
 REPO = Path(__file__).resolve().parents[2]
