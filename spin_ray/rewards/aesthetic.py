@@ -10,23 +10,20 @@ not used. SD-1.5 images score ~5.8.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPModel
 
 from spin_ray.rewards.common import (
-    check_batch_size,
+    BatchedScorer,
     check_loading_info,
     load_state_dict_strict,
     read_state_dict,
     require_dir,
     require_file,
-    score_in_batches,
     torch_dtype,
 )
 from spin_ray.rewards.mlp_head import RewardMLP
@@ -35,8 +32,9 @@ NAME = "aesthetic"
 HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 
 
-class AestheticScorer:
-    """Scores images with the LAION aesthetic head on CLIP image embeddings."""
+class AestheticScorer(BatchedScorer):
+    """Scores images with the LAION aesthetic head on CLIP image embeddings (prompts are checked
+    for pairing with the images but not used)."""
 
     name = NAME
 
@@ -52,13 +50,7 @@ class AestheticScorer:
         self.clip = clip.eval()
         self.image_processor = image_processor
         self.head = head.eval()
-        self.device = device
-        self.dtype = dtype
-        self.batch_size = check_batch_size(batch_size)
-
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> np.ndarray:
-        """Score each image (prompts are checked for pairing but not used); float32 (N,)."""
-        return score_in_batches(images, prompts, self.batch_size, self._score_batch, NAME)
+        super().__init__(device, dtype, batch_size)
 
     @torch.no_grad()
     def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:

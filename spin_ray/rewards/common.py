@@ -164,3 +164,23 @@ def score_in_batches(
     if not chunks:
         return np.zeros((0,), dtype=np.float32)
     return np.concatenate(chunks).astype(np.float32)
+
+
+class BatchedScorer:
+    """Base of the model scorers: scores (image, prompt) pairs in slices of at most
+    ``batch_size``, one :meth:`_score_batch` forward pass each, on ``device`` in ``dtype``."""
+
+    name: str
+
+    def __init__(self, device: str, dtype: torch.dtype, batch_size: int) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.batch_size = check_batch_size(batch_size)
+
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> np.ndarray:
+        """Score image i against prompt i; returns float32 (N,)."""
+        return score_in_batches(images, prompts, self.batch_size, self._score_batch, self.name)
+
+    def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+        """Scores of one slice: (B,) or (B, 1)."""
+        raise NotImplementedError

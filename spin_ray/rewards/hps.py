@@ -12,10 +12,9 @@ padded with black to a square, CLIP normalisation; not open_clip's shortest-side
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import open_clip
 import torch
 import torchvision.transforms.functional as TF
@@ -25,11 +24,10 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 
 from spin_ray.rewards.common import (
-    check_batch_size,
+    BatchedScorer,
     load_state_dict_strict,
     read_state_dict,
     require_file,
-    score_in_batches,
     torch_dtype,
 )
 
@@ -60,7 +58,7 @@ def hps_preprocess(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     return preprocess
 
 
-class HPSv2Scorer:
+class HPSv2Scorer(BatchedScorer):
     """Scores (image, prompt) pairs with an HPSv2 open_clip model."""
 
     name = NAME
@@ -77,13 +75,7 @@ class HPSv2Scorer:
         self.model = model.eval()
         self.preprocess = preprocess
         self.tokenizer = tokenizer
-        self.device = device
-        self.dtype = dtype
-        self.batch_size = check_batch_size(batch_size)
-
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> np.ndarray:
-        """Score image i against prompt i; returns float32 (N,)."""
-        return score_in_batches(images, prompts, self.batch_size, self._score_batch, NAME)
+        super().__init__(device, dtype, batch_size)
 
     @torch.no_grad()
     def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:

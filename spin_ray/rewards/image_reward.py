@@ -17,22 +17,20 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms
 from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
 from spin_ray.rewards.common import (
-    check_batch_size,
+    BatchedScorer,
     check_state_dict,
     read_state_dict,
     require_dir,
     require_file,
-    score_in_batches,
     torch_dtype,
 )
 from spin_ray.rewards.mlp_head import RewardMLP
@@ -163,7 +161,7 @@ def blip_preprocess(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     )
 
 
-class ImageRewardScorer:
+class ImageRewardScorer(BatchedScorer):
     """Scores (image, prompt) pairs with ImageReward."""
 
     name = NAME
@@ -183,13 +181,7 @@ class ImageRewardScorer:
         self.head = head.eval()
         self.tokenizer = tokenizer
         self.preprocess = blip_preprocess(vision.config.image_size)
-        self.device = device
-        self.dtype = dtype
-        self.batch_size = check_batch_size(batch_size)
-
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> np.ndarray:
-        """Score image i against prompt i; returns float32 (N,)."""
-        return score_in_batches(images, prompts, self.batch_size, self._score_batch, NAME)
+        super().__init__(device, dtype, batch_size)
 
     @torch.no_grad()
     def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:

@@ -10,20 +10,17 @@ PickScore reference inference code (~21-22 for SD-1.5 images).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
 from spin_ray.rewards.common import (
-    check_batch_size,
+    BatchedScorer,
     check_loading_info,
     require_dir,
-    score_in_batches,
     torch_dtype,
 )
 
@@ -31,7 +28,7 @@ NAME = "pickscore"
 MAX_TEXT_TOKENS = 77
 
 
-class PickScoreScorer:
+class PickScoreScorer(BatchedScorer):
     """Scores (image, prompt) pairs with a PickScore CLIP model."""
 
     name = NAME
@@ -41,13 +38,7 @@ class PickScoreScorer:
     ) -> None:
         self.model = model.eval()
         self.processor = processor
-        self.device = device
-        self.dtype = dtype
-        self.batch_size = check_batch_size(batch_size)
-
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> np.ndarray:
-        """Score image i against prompt i; returns float32 (N,)."""
-        return score_in_batches(images, prompts, self.batch_size, self._score_batch, NAME)
+        super().__init__(device, dtype, batch_size)
 
     @torch.no_grad()
     def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
