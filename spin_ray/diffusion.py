@@ -81,11 +81,7 @@ def load_components(
     returned as loaded (eval mode, trainable parameters). The scheduler is a
     :class:`DDIMScheduler` built from the pipeline's scheduler config.
     """
-    source = pretrained
-    if _is_local(pretrained):
-        root = Path(pretrained).expanduser()
-        _check_pipeline_dir(root)
-        source = str(root)
+    source = _local_pipeline_dir(pretrained) or pretrained
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             source,
@@ -117,10 +113,9 @@ def download_pipeline(pretrained: str, *, revision: str | None = None, local_fil
     """The local directory of a pipeline: ``pretrained`` itself if it is a local path, else
     the hub cache folder of that hub id after fetching its safetensors files (without the
     safety checker), so several processes can then load it with ``local_files_only=True``."""
-    if _is_local(pretrained):
-        root = Path(pretrained).expanduser()
-        _check_pipeline_dir(root)
-        return str(root)
+    local = _local_pipeline_dir(pretrained)
+    if local:
+        return local
     try:
         folder = StableDiffusionPipeline.download(
             pretrained,
@@ -214,6 +209,15 @@ def _place(module: torch.nn.Module, device: str | torch.device, dtype: torch.dty
 def _is_local(pretrained: str) -> bool:
     """A path that exists, or that cannot be a hub id (``org/name``), is a local directory."""
     return Path(pretrained).expanduser().exists() or not _HUB_ID.match(pretrained)
+
+
+def _local_pipeline_dir(pretrained: str) -> str | None:
+    """``pretrained`` as a checked local pipeline directory, or None when it is a hub id."""
+    if not _is_local(pretrained):
+        return None
+    root = Path(pretrained).expanduser()
+    _check_pipeline_dir(root)
+    return str(root)
 
 
 def _check_pipeline_dir(root: Path) -> None:
