@@ -7,6 +7,7 @@ instead of silently scoring with randomly initialised layers.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -166,9 +167,10 @@ def score_in_batches(
     return np.concatenate(chunks).astype(np.float32)
 
 
-class BatchedScorer:
+class BatchedScorer(ABC):
     """Base of the model scorers: scores (image, prompt) pairs in slices of at most
-    ``batch_size``, one :meth:`_score_batch` forward pass each, on ``device`` in ``dtype``."""
+    ``batch_size``, one :meth:`_score_batch` forward pass each, on ``device`` in ``dtype``.
+    Each scorer implements :meth:`_score_batch`."""
 
     name: str
 
@@ -181,6 +183,6 @@ class BatchedScorer:
         """Score image i against prompt i; returns float32 (N,)."""
         return score_in_batches(images, prompts, self.batch_size, self._score_batch, self.name)
 
+    @abstractmethod
     def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
         """Scores of one slice: (B,) or (B, 1)."""
-        raise NotImplementedError
