@@ -65,6 +65,12 @@ EVAL = "eval"
 _ITERATION_NAME = re.compile(r"^iter_(\d+)$")
 
 
+def iteration_number(name: str) -> int | None:
+    """k for a directory named ``iter_<k>``, else None."""
+    match = _ITERATION_NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
 # ----------------------------------------------------------------------------- local-disk helpers
 
 
@@ -372,7 +378,7 @@ class RunDir:
             names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
         except FileNotFoundError:
             return []
-        numbers = [int(m.group(1)) for m in map(_ITERATION_NAME.match, names) if m]
+        numbers = [k for k in map(iteration_number, names) if k is not None]
         return sorted(k for k in numbers if k >= 1 and self.is_done(self.iteration_dir(k)))
 
     def last_done_iteration(self) -> int:

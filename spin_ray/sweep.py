@@ -54,7 +54,6 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import tempfile
 import time
@@ -70,7 +69,7 @@ from spin_ray.config import (
     per_iteration,
     with_overrides,
 )
-from spin_ray.rundir import RunDir
+from spin_ray.rundir import RunDir, iteration_number
 from spin_ray.self_play import (
     SFT_BASELINE,
     Prepared,
@@ -104,8 +103,6 @@ BASE = "base"
 """Opponent name of iteration 1: theta_0, the base model."""
 ITERATION_KEY = "self_play_iteration"
 """Reported with every result; PBT's time attribute."""
-
-_ITERATION_DIR = re.compile(r"^iter_(\d+)$")
 
 
 # ----------------------------------------------------------------------------- trials and winners
@@ -628,10 +625,10 @@ def pbt_rows(rundir: RunDir) -> dict[int, list[TrialRow]]:
     pattern = rundir.fs_path(PBT_DIR) + "/trial_*/iter_*/" + SCORE_FILE
     rundir.fs.invalidate_cache(rundir.fs_path(PBT_DIR))
     for path in sorted(rundir.fs.glob(pattern)):
-        match = _ITERATION_DIR.match(path.rstrip("/").split("/")[-2])
-        if match:
+        k = iteration_number(path.rstrip("/").split("/")[-2])
+        if k is not None:
             values = json.loads(rundir.fs.cat_file(path))
-            rows.setdefault(int(match.group(1)), []).append(_row_from_json(values))
+            rows.setdefault(k, []).append(_row_from_json(values))
     return {k: sorted(found, key=lambda row: row.trial_id) for k, found in sorted(rows.items())}
 
 
