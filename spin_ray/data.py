@@ -64,6 +64,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from spin_ray.config import DataConfig
+from spin_ray.safe_parquet import UnsafeParquetError, check_schema
 
 if TYPE_CHECKING:
     import ray.data
@@ -325,7 +326,11 @@ def _check_and_keep(tagger: _Tagger, index: int, prompt: Any, prompt_field: str,
 
 def check_columns(schema: pa.Schema, data_format: str, prompt_column: str, image_column: str,
                   path: str) -> None:
-    """Raise :class:`DataError` naming ``path`` and the column if a needed column is absent or mistyped."""
+    """Raise :class:`DataError` naming ``path`` and the column if a needed column is absent or mistyped.
+
+    An extension type anywhere in a needed column (e.g. Ray's pickled objects, nested in an
+    image struct) is refused before any value is converted: converting it would run code.
+    """
     if data_format == "pickapic":
         expected = {prompt_column: "string", "jpg_0": "binary", "jpg_1": "binary",
                     "label_0": "number", "label_1": "number"}
@@ -337,6 +342,10 @@ def check_columns(schema: pa.Schema, data_format: str, prompt_column: str, image
                 f"{path}: missing column {name!r} (data.format={data_format!r}); "
                 f"the file has columns {', '.join(schema.names)}"
             )
+        try:
+            check_schema(schema, path, [name], _KIND_TEXT[kind])
+        except UnsafeParquetError as err:
+            raise DataError(str(err)) from None
         dtype = schema.field(name).type
         if not _type_matches(dtype, kind):
             raise DataError(f"{path}: column {name!r} has type {dtype}, expected {_KIND_TEXT[kind]}")

@@ -46,18 +46,22 @@ def cached_files(opponents_dir: str) -> tuple[list[str], np.ndarray]:
     """Finished opponent files in ``opponents_dir`` and the sample ids they hold.
 
     A batch redone after a crash may have been written twice: later files that overlap an
-    earlier one are left out, so every sample is read once.
+    earlier one are left out, so every sample is read once. A file with an extension-typed
+    column other than the tensors we write raises (:mod:`spin_ray.safe_parquet`).
     """
     import fsspec
     import pyarrow.parquet as pq
+
+    from spin_ray.safe_parquet import check_schema
 
     fs, root = fsspec.core.url_to_fs(opponents_dir)
     if not fs.exists(root):
         return [], np.zeros(0, dtype=np.int64)
     files, seen = [], set()
     for path in sorted(fs.glob(f"{root.rstrip('/')}/*.parquet")):
-        with fs.open(path, "rb") as handle:
-            ids = set(pq.read_table(handle, columns=["sample_id"]).column("sample_id").to_pylist())
+        with fs.open(path, "rb") as handle, pq.ParquetFile(handle) as parquet:
+            check_schema(parquet.schema_arrow, path)  # every column: the file goes to read_parquet whole
+            ids = set(parquet.read(columns=["sample_id"]).column("sample_id").to_pylist())
         if ids & seen:
             continue
         seen |= ids
@@ -70,12 +74,15 @@ def find_batch(opponents_dir: str, sample_ids: np.ndarray, columns: list[str]) -
     order), or None.
 
     Only files named after the batch's first sample id are opened: one listing per batch. A
-    file that does not parse or lacks a column does not count (the batch is generated again).
+    file that does not parse or lacks a column does not count (the batch is generated again);
+    one with an extension-typed column is no damaged batch but a file we never write, and
+    raises :class:`spin_ray.safe_parquet.UnsafeParquetError` before any value is read.
     """
     import fsspec
     import pyarrow as pa
-    import pyarrow.parquet as pq
     from ray.data.block import BlockAccessor
+
+    from spin_ray.safe_parquet import UnsafeParquetError, read_table_checked
 
     sample_ids = np.asarray(sample_ids, dtype=np.int64)
     fs, root = fsspec.core.url_to_fs(opponents_dir)
@@ -83,7 +90,9 @@ def find_batch(opponents_dir: str, sample_ids: np.ndarray, columns: list[str]) -
     for path in sorted(fs.glob(f"{root.rstrip('/')}/{prefix}*.parquet")):
         try:
             with fs.open(path, "rb") as handle:
-                table = pq.read_table(handle, columns=columns)
+                table = read_table_checked(handle, columns, where=path)
+        except UnsafeParquetError:  # not a damaged batch but a file we never write: stop, do not skip it
+            raise
         except (OSError, ValueError, pa.ArrowException):
             continue
         stored = table.column("sample_id").to_numpy()

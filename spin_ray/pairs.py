@@ -38,12 +38,15 @@ def read_prepared(prepared_path: str):
     A small table (at most :data:`IN_MEMORY_TABLE_BYTES`) is read here with pyarrow and
     handed to Ray as in-memory blocks: ``read_parquet`` starts a listing task, footer-reading
     actors and read tasks for every use of it, seconds of process start-up per iteration on a
-    small machine, and once more for each repeat of the rows (:func:`sample_table`).
+    small machine, and once more for each repeat of the rows (:func:`sample_table`). Those
+    files are schema-checked first (:mod:`spin_ray.safe_parquet`): their blocks are converted
+    on Ray workers, where an extension-typed column would run its Python code.
     """
     import fsspec
     import pyarrow as pa
-    import pyarrow.parquet as pq
     import ray.data
+
+    from spin_ray.safe_parquet import read_table_checked
 
     fs, root = fsspec.core.url_to_fs(prepared_path)
     files = [root] if fs.isfile(root) else sorted(
@@ -54,7 +57,7 @@ def read_prepared(prepared_path: str):
     tables = []
     for path in files:
         with fs.open(path, "rb") as handle:
-            tables.append(pq.read_table(handle))
+            tables.append(read_table_checked(handle, where=path))
     return ray.data.from_arrow(pa.concat_tables(tables))
 
 

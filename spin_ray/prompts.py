@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from spin_ray.safe_parquet import UnsafeParquetError, read_table_checked
 from spin_ray.toy.world import validation_prompts
 
 PICKAPIC_CAPTION = "caption"
@@ -73,7 +74,11 @@ def _parquet_captions(path: Path) -> list[str]:
         names = pq.read_schema(path).names
         if PICKAPIC_CAPTION not in names:
             raise PromptSetError(f"{path}: no {PICKAPIC_CAPTION!r} column; columns are {', '.join(names)}")
-        column = pq.read_table(path, columns=[PICKAPIC_CAPTION]).column(PICKAPIC_CAPTION)
+        expected = "plain arrow types (strings for prompts)"
+        table = read_table_checked(path, [PICKAPIC_CAPTION], expected=expected)
+        column = table.column(PICKAPIC_CAPTION)
+    except UnsafeParquetError as err:  # a downloaded file must not run code: refused before any value is read
+        raise PromptSetError(str(err)) from None
     except OSError as err:
         raise PromptSetError(f"{path}: cannot read parquet ({err})") from err
     return _clean([value for value in column.to_pylist() if isinstance(value, str)])

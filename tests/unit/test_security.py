@@ -4,10 +4,12 @@ The checker parses every ``.py`` file under spin_ray/, jobs/ and bench/ with ``a
 reports any loading path other than the safe ones:
 
 - ``torch.load`` only with ``weights_only=True``; no ``weights_only=False`` anywhere;
-- no pickle, dill, joblib, cloudpickle or shelve imports, no ``torch.jit.load``, no
-  ``torch.hub`` (it runs a repository's ``hubconf.py`` or unpickles a download), no
-  ``read_pickle``, no ``np.load(allow_pickle=...)`` other than ``False``, no YAML loader but
-  ``yaml.safe_load``;
+- no pickle, dill, joblib, cloudpickle (``ray.cloudpickle`` too), marshal or shelve imports,
+  no ``torch.jit.load``, no ``torch.hub`` (it runs a repository's ``hubconf.py`` or unpickles a
+  download), no ``read_pickle``, no ``np.load(allow_pickle=...)`` other than ``False``, no YAML
+  loader but ``yaml.safe_load``; ``torch.serialization.load`` is held to ``torch.load``'s rule;
+- no ``Tuner.restore`` / ``Trainer.restore`` (they unpickle the experiment state in storage)
+  but the one on :data:`ALLOWED`; no ``eval`` or ``exec``; no ``shell=`` other than ``False``;
 - no ``trust_remote_code`` other than ``False``;
 - ``from_pretrained`` and a pipeline's ``download`` pass ``use_safetensors=True`` unless the
   class reads only config and vocabulary files (tokenizers, processors, schedulers, configs),
@@ -31,7 +33,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SCANNED_DIRS = ("spin_ray", "jobs", "bench")
 
-UNSAFE_MODULES = {"pickle", "_pickle", "cPickle", "dill", "joblib", "cloudpickle", "shelve"}
+UNSAFE_MODULES = {"pickle", "_pickle", "cPickle", "dill", "joblib", "cloudpickle", "shelve", "marshal"}
 UNSAFE_YAML = {"load", "load_all", "full_load", "full_load_all", "unsafe_load", "unsafe_load_all"}
 CONFIG_ONLY_CLASS = re.compile(r"(Tokenizer(Fast)?|Processor|FeatureExtractor|Scheduler|Config)$")
 """Classes whose ``from_pretrained`` reads JSON and vocabulary files only, never tensors."""
@@ -58,6 +60,9 @@ ALLOWED = (
             "a tokenizer writes vocabulary and JSON files only, no tensors"),
     Allowed("spin_ray/trainer.py", "_save_checkpoint", "torch.save",
             "AdamW and LR-schedule state (not model weights), read back with torch.load(weights_only=True)"),
+    Allowed("spin_ray/sweep.py", "_run_tuner", "tune.Tuner.restore",
+            "resumes the sweep's own experiment in its run_dir; "
+            "the unpickled state is tracked in issue 23 item 2"),
 )
 
 
@@ -121,7 +126,7 @@ class Checker(ast.NodeVisitor):
 
     def visit_Import(self, node: ast.Import) -> None:
         for alias in node.names:
-            if alias.name.split(".")[0] in UNSAFE_MODULES:
+            if UNSAFE_MODULES & set(alias.name.split(".")):  # ray.cloudpickle as well as pickle
                 self.flag(node, f"import {alias.name}", "unsafe deserialisation module")
             if alias.name == "torch" and alias.asname:
                 self.torch_aliases.add(alias.asname)
@@ -129,9 +134,10 @@ class Checker(ast.NodeVisitor):
 
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
         module = node.module or ""
-        if module.split(".")[0] in UNSAFE_MODULES:
+        # ``from ray import cloudpickle`` as well as ``from pickle import loads``
+        if UNSAFE_MODULES & {*module.split("."), *(alias.name for alias in node.names)}:
             self.flag(node, f"from {module} import ...", "unsafe deserialisation module")
-        if module == "torch":
+        if module in ("torch", "torch.serialization"):
             self.torch_load_names |= {alias.asname or alias.name for alias in node.names if alias.name == "load"}
         self.generic_visit(node)
 
@@ -141,7 +147,8 @@ class Checker(ast.NodeVisitor):
         receiver = parts[-2] if len(parts) > 1 else ""
         is_torch = parts[0] in self.torch_aliases
         self.check_keywords(node, name)
-        if (is_torch and parts[1:] == ["load"]) or name in self.torch_load_names:
+        torch_load = is_torch and parts[1:] in (["load"], ["serialization", "load"])
+        if torch_load or name in self.torch_load_names:
             if not passes_true(node, "weights_only"):
                 self.flag(node, name, "torch.load without weights_only=True")
         elif is_torch and parts[1:] == ["jit", "load"]:
@@ -152,6 +159,10 @@ class Checker(ast.NodeVisitor):
             self.flag(node, name, "torch.save writes pickle: model weights go to safetensors")
         elif parts[-1] == "read_pickle":
             self.flag(node, name, "read_pickle unpickles data")
+        elif parts[-1] == "restore" and (receiver == "Tuner" or receiver.endswith("Trainer")):
+            self.flag(node, name, "restore unpickles the experiment state found in storage")
+        elif name in ("eval", "exec", "builtins.eval", "builtins.exec"):  # not model.eval()
+            self.flag(node, name, "eval/exec run strings as code")
         elif parts[0] == "yaml" and parts[1:] and parts[-1] in UNSAFE_YAML:
             self.flag(node, name, "yaml loaders other than safe_load build arbitrary objects")
         elif parts[0] == "open_clip" and parts[-1].startswith("create_model"):
@@ -170,7 +181,7 @@ class Checker(ast.NodeVisitor):
 
     def check_keywords(self, node: ast.Call, name: str) -> None:
         for keyword, safe in [("weights_only", True), ("trust_remote_code", False), ("allow_pickle", False),
-                              ("use_safetensors", True), ("safe_serialization", True)]:
+                              ("use_safetensors", True), ("safe_serialization", True), ("shell", False)]:
             present, value = keyword_value(node, keyword)
             if present and value is not safe:
                 self.flag(node, name, f"{keyword} must be {safe} (a literal), got {ast.unparse(node)}")
@@ -240,6 +251,16 @@ PLANTED = {
     "open_clip.create_model_and_transforms('ViT-H-14', pretrained=path)": "open_clip pretrained=",
     "open_clip.create_model('ViT-H-14', pretrained='laion2b_s32b_b79k')": "open_clip pretrained=",
     "StableDiffusionPipeline.download(path)": "download without use_safetensors=True",
+    "import ray.cloudpickle": "unsafe deserialisation module",
+    "from ray import cloudpickle": "unsafe deserialisation module",
+    "from ray.cloudpickle import loads": "unsafe deserialisation module",
+    "import marshal": "unsafe deserialisation module",
+    "torch.serialization.load(path)": "torch.load without weights_only=True",
+    "tune.Tuner.restore(path, trainable)": "restore unpickles the experiment state",
+    "TorchTrainer.restore(path)": "restore unpickles the experiment state",
+    "eval(path)": "eval/exec run strings as code",
+    "exec(path)": "eval/exec run strings as code",
+    "subprocess.run(path, shell=True)": "shell must be False",
 }
 
 
@@ -281,6 +302,10 @@ SAFE = [
     "open_clip.create_model('ViT-H-14', pretrained=None, device='cpu')",
     "open_clip.create_model('ViT-H-14')",
     "StableDiffusionPipeline.download(path, use_safetensors=True, safety_checker=None)",
+    "torch.serialization.load(path, weights_only=True)",
+    "model.eval()",
+    "tune.Tuner.can_restore(path)",
+    "subprocess.run([path], shell=False)",
 ]
 
 
