@@ -17,7 +17,8 @@ Layout in the run directory (one prompt set: no ``<set>/`` level)::
     eval/[<set>/]<model>/scores.parquet   one row per image; its PNG kept for the grid's images
     eval/[<set>/]<model>/DONE             written last; holds what the scores depend on
     report/[<set>/]                       metrics.json, report.md, metrics.png, image_grid.png,
-                                          <metric>_over_iterations.png (self-play models)
+                                          <metric>_over_iterations.png (self-play models),
+                                          training_curves.png (stages trained in this run dir)
 
 A model's scores are reused while its DONE records the same settings (prompts, seeds,
 steps, guidance, resolution, scorers, model version); otherwise they are computed again.
@@ -36,7 +37,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -50,7 +51,7 @@ from spin_ray.config import Config, ConfigError, EvalConfig, dump_config
 from spin_ray.evaluation import Summary
 from spin_ray.prompts import load_prompts
 from spin_ray.rewards import SCORER_NAMES, load_scorer
-from spin_ray.rundir import RunDir
+from spin_ray.rundir import RunDir, iteration_number
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,12 @@ SEED_TAG = 0x5EED_E7A1
 """Separates the evaluation seeds from the training streams of :func:`spin_ray.generation.derive_seed`."""
 SPIN_SERIES = "spin"
 SFT_SERIES = "sft"
+SPIN_LABEL = "SPIN (iteration 0 = base)"
+SFT_LABEL = "SFT baseline (same samples)"
+SFT_OFFSET = 0.15
+"""x offset of the SFT marker from the last iteration, so neither error bar hides the other."""
+REFERENCE_ROW = "real (data)"
+"""Label of the image grid's first row, the toy world's renderings of the prompts."""
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ITERATION = re.compile(r"^(?:.*_)?iter_(\d+)$")
@@ -76,6 +83,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 SummaryTable = dict[str, dict[str, Summary]]
 """model -> metric -> Summary."""
+
+if TYPE_CHECKING:
+    from spin_ray.report_plots import Series
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -159,25 +169,85 @@ def self_play_order(model_names: Sequence[str]) -> tuple[list[str], str | None] 
 
 
 def iteration_series(summaries: Mapping[str, Mapping[str, Summary]], statistic: str = "mean"
-                     ) -> dict[str, dict[str, list[float]]]:
-    """metric -> series -> value per iteration, for :func:`spin_ray.report.plot_over_iterations`.
+                     ) -> dict[str, dict[str, Series]]:
+    """metric -> series name -> :class:`spin_ray.report_plots.Series`, the input of
+    :func:`spin_ray.report.plot_over_iterations`.
 
-    Series ``spin``: base, iter_1, ..., iter_K; series ``sft`` (when there is an SFT model):
-    its value repeated at every iteration, a horizontal reference line. Empty when the
-    models are not self-play iterations (see :func:`self_play_order`).
+    Series ``spin``: base at x = 0 and iter_k at x = k, a line. Series ``sft`` (when there is
+    an SFT model): ONE marker without a line at x = K + :data:`SFT_OFFSET` (SFT is a single
+    model trained on the same real samples, not a trend across iterations). For the mean,
+    both carry the 95% bootstrap interval as error bars. The Average column is left out
+    when there is one scorer (it would repeat it). Empty when the models are not self-play
+    iterations (see :func:`self_play_order`).
     """
     order = self_play_order(list(summaries))
     if order is None:
         return {}
     spin, sft = order
-    metrics = list(next(iter(summaries.values())))
-    series: dict[str, dict[str, list[float]]] = {}
-    for metric in metrics:
-        values = {SPIN_SERIES: [getattr(summaries[name][metric], statistic) for name in spin]}
+    shown = evaluation.drop_redundant_average(summaries)
+    series: dict[str, dict[str, Series]] = {}
+    for metric in evaluation.metric_names(shown):
+        values = {SPIN_SERIES: _series([shown[name][metric] for name in spin], list(range(len(spin))), statistic,
+                                       SPIN_LABEL)}
         if sft is not None:
-            values[SFT_SERIES] = [getattr(summaries[sft][metric], statistic)] * len(spin)
+            values[SFT_SERIES] = _series([shown[sft][metric]], [len(spin) - 1 + SFT_OFFSET], statistic, SFT_LABEL,
+                                         connect=False, marker="D")
         series[metric] = values
     return series
+
+
+def _series(cells: Sequence[Summary], x: list[float], statistic: str, label: str, connect: bool = True,
+            marker: str = "o") -> Series:
+    """One plot series from Summaries: ``statistic`` as y; the 95% interval for the mean."""
+    from spin_ray.report_plots import Series
+
+    with_interval = statistic == "mean" and all(c.ci_low is not None and c.ci_high is not None for c in cells)
+    return Series(x=x, y=[getattr(c, statistic) for c in cells],
+                  low=[c.ci_low for c in cells] if with_interval else None,
+                  high=[c.ci_high for c in cells] if with_interval else None,
+                  label=label, connect=connect, marker=marker)
+
+
+def reference_images(prompts: Sequence[str], resolution: int, eval_seed: int) -> list[Image.Image] | None:
+    """The image grid's first row, real data: prompt p rendered by the toy world
+    (:func:`spin_ray.toy.world.render`) at ``resolution`` with the seed of the models'
+    image 0 of prompt p, so one fixed seed per column. None unless every prompt is a
+    toy-grammar prompt (e.g. ``eval.prompts: toy``): other prompt sets have no renderer."""
+    from spin_ray.toy.world import parse_prompt, render
+
+    try:
+        parsed = [parse_prompt(prompt) for prompt in prompts]
+    except ValueError:
+        return None
+    return [render(toy, resolution=resolution, seed=image_seed(eval_seed, p, 0)) for p, toy in enumerate(parsed)]
+
+
+def training_stage(model: str) -> str | None:
+    """The run-dir stage that trained a self-play model: ``sft`` -> ``baseline_sft``,
+    ``iter_<k>`` (or ``<anything>_iter_<k>``) -> ``iter_<k>``; None for other models."""
+    match = _ITERATION.match(model)
+    if match:
+        return f"iter_{int(match.group(1))}"
+    return "baseline_sft" if model == "sft" else None
+
+
+def training_histories(rundir: RunDir, models: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """Stage label (``sft``, ``iter_1``, ...) -> the logged training steps (``history`` of
+    ``<stage>/metrics.json``, written by :func:`spin_ray.self_play.run_stage`) of the models
+    trained in this run dir; SFT first, then the iterations in order. Stages without a
+    readable, non-empty history are left out (an evaluation-only run dir has none)."""
+    stages = {stage for stage in map(training_stage, models) if stage is not None}
+    histories: dict[str, list[dict[str, Any]]] = {}
+    for stage in sorted(stages, key=lambda name: iteration_number(name) or 0):  # baseline_sft first
+        rel = f"{stage}/metrics.json"
+        try:
+            history = rundir.read_json(rel).get("history") if rundir.exists(rel) else None
+        except (OSError, ValueError, AttributeError) as err:
+            log.warning("%s: no training curves for %s (%s)", rundir.path(rel), stage, err)
+            continue
+        if isinstance(history, list) and history:
+            histories["sft" if stage == "baseline_sft" else stage] = history
+    return histories
 
 
 def choose_baseline(configured: str, model_names: Sequence[str]) -> str:
@@ -466,8 +536,10 @@ def model_scores(cfg: Config, rundir: RunDir, rel: str, model: str, prompts: Seq
     fingerprint = json.loads(json.dumps(scores_fingerprint(cfg, model, prompts)))
     if rundir.is_done(rel):
         if rundir.read_done(rel).get("fingerprint") == fingerprint:
+            from spin_ray.safe_parquet import read_table_checked  # refuses extension-typed columns
+
             with rundir.fs.open(rundir.fs_path(f"{rel}/{SCORES_FILE}"), "rb") as handle:
-                return pq.read_table(handle)
+                return read_table_checked(handle, where=rundir.path(f"{rel}/{SCORES_FILE}"))
         log.warning("%s: stored scores were made with other settings or another model version; redoing them",
                     rundir.path(rel))
         rundir.fs.rm(rundir.fs_path(rel), recursive=True)
@@ -546,6 +618,36 @@ def _evaluate(cfg: Config, rundir: RunDir, models: dict[str, str]) -> dict[str, 
     return results
 
 
+def write_report_figures(out_dir: str, rundir: RunDir, prompts: Sequence[str], columns: Mapping[str, Any],
+                         summaries: SummaryTable, eval_seed: int, resolution: int) -> dict[str, str]:
+    """Write the report's figures into ``out_dir``; returns file name -> caption, in the
+    order report.md shows them.
+
+    image_grid.png (a ``real (data)`` row first for toy prompts), one
+    ``<metric>_over_iterations.png`` per metric for self-play models, metrics.png's place,
+    and training_curves.png when the run dir holds training histories of these models.
+    """
+    from spin_ray import report
+
+    count = min(GRID_PROMPTS, len(prompts))
+    rows = {model: grid_images(model_columns, count) for model, model_columns in columns.items()}
+    reference = reference_images(prompts[:count], resolution, eval_seed)
+    if reference is not None:
+        rows = {REFERENCE_ROW: reference, **rows}
+    grid = report.save_image_grid(out_dir, rows, list(prompts[:count]))
+    first_row = "; the first row is real data, the toy world's renderings of the prompts" if reference else ""
+    figures = {grid.name: f"image 0 of the first {count} prompts, one row per model, same seed per column{first_row}"}
+    for metric, series in iteration_series(summaries).items():
+        path = report.plot_over_iterations(out_dir, series, metric)
+        figures[path.name] = (f"{metric} across self-play iterations (base = 0, iter_k = k; the SFT baseline as "
+                              "its own point; mean with 95% interval)")
+    figures[report.METRICS_PLOT] = "every model's mean per metric (bars from 0, 95% intervals)"
+    curves = report.plot_training_curves(out_dir, training_histories(rundir, list(columns)))
+    if curves is not None:
+        figures[curves.name] = "loss, implicit accuracy and reward margin over training steps, one line per stage"
+    return figures
+
+
 def write_prompt_set_report(eval_cfg: EvalConfig, rundir: RunDir, report_rel: str, prompt_set: str,
                             prompts: Sequence[str], tables: Mapping[str, pa.Table], models: Mapping[str, str],
                             resolution: int) -> SummaryTable:
@@ -568,13 +670,9 @@ def write_prompt_set_report(eval_cfg: EvalConfig, rundir: RunDir, report_rel: st
     }
     from spin_ray import report
 
-    grid_count = min(GRID_PROMPTS, len(prompts))
     with tempfile.TemporaryDirectory() as tmp:
-        report.write_report(tmp, summaries, win_rates or None, baseline, metadata)
-        report.save_image_grid(tmp, {model: grid_images(columns[model], grid_count) for model in tables},
-                               list(prompts[:grid_count]))
-        for metric, series in iteration_series(summaries).items():
-            report.plot_over_iterations(tmp, series, metric)
+        figures = write_report_figures(tmp, rundir, prompts, columns, summaries, eval_cfg.seed, resolution)
+        report.write_report(tmp, summaries, win_rates or None, baseline, metadata, figures)
         for file in sorted(Path(tmp).iterdir()):
             rundir.upload_file(file, f"{report_rel}/{file.name}")
     print(f"[eval] report for {prompt_set} ({len(prompts)} prompts x {eval_cfg.num_images_per_prompt} images): "

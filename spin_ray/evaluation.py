@@ -7,7 +7,8 @@ every image, giving ``scores[model][scorer]`` of shape (P prompts, N images). Th
 - the table: each scorer's mean and median over the chosen images, plus an Average column,
   the plain mean of the scorers' statistics (the paper's: for SD-1.5,
   (0.2699 + 5.7691 + 0.8159 + 21.1983) / 4 = 7.0133);
-- win rates against a baseline model, per scorer and on the per-prompt average.
+- win rates against a baseline model, per scorer and on the per-prompt average;
+- how sure the means are: std, n and a percentile-bootstrap 95% interval over prompts.
 
 Pure numpy: no Ray, no torch.
 """
@@ -16,19 +17,48 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 AVERAGE = "average"
 """Name of the Average column (the plain mean over scorers)."""
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Summary:
-    """One metric's statistics over prompts."""
+    """One metric's statistics over prompts.
+
+    The fields after ``median`` default to None (a Summary built from mean and median
+    alone, e.g. read back from an older metrics.json); :func:`summarise` fills them.
+    """
 
     mean: float
     median: float
+    std: float | None = None
+    """Sample standard deviation (ddof=1; 0 for one value) of the per-prompt scores."""
+    n: int | None = None
+    """Number of values (prompts) the statistics are over."""
+    ci_low: float | None = None
+    """Lower end of the 95% percentile-bootstrap interval of the mean (resampling prompts)."""
+    ci_high: float | None = None
+    """Upper end of that interval."""
+
+
+@dataclass(frozen=True)
+class MeanInterval:
+    """A mean with its spread and a bootstrap interval; see :func:`bootstrap_mean_interval`."""
+
+    mean: float
+    low: float
+    high: float
+    std: float
+    n: int
 
 
 @dataclass(frozen=True)
@@ -51,7 +81,77 @@ class ModelEvaluation:
     best_scores: dict[str, np.ndarray]
     """scorer -> (P,) scores of the chosen images."""
     summary: dict[str, Summary]
-    """scorer (and ``average``) -> mean and median over prompts."""
+    """scorer (and ``average``) -> mean, median, std, n and 95% interval over prompts."""
+
+
+def bootstrap_mean_interval(
+    values: np.ndarray,
+    num_resamples: int = BOOTSTRAP_RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int = BOOTSTRAP_SEED,
+) -> MeanInterval:
+    """Mean of ``values`` with a percentile-bootstrap interval, resampling values (prompts)
+    with replacement.
+
+    The prompts are the unit of sampling: a model's best-of-N scores differ from prompt to
+    prompt far more than between reruns, so the interval says how much the mean would move
+    on another prompt set of the same size. Deterministic in ``seed``; for a given seed and
+    number of values every call draws the same resamples, so the intervals of two models
+    (or two metrics) on the same prompts are paired.
+
+    Args:
+        values: (P,) one score per prompt (any shape is flattened); at least one value.
+        num_resamples: bootstrap resamples (1000 gives the 2.5/97.5 percentiles to ~0.1 std).
+        confidence: the interval's coverage, in (0, 1).
+        seed: seed of the resampling generator.
+
+    Returns:
+        mean, interval [low, high] (widened to contain the mean, so error bars are never
+        negative), sample std (ddof=1; 0 for one value) and n.
+    """
+    array = np.asarray(values, dtype=np.float64).reshape(-1)
+    if array.size == 0 or not np.all(np.isfinite(array)):
+        raise ValueError(f"bootstrap_mean_interval: expected at least one finite value, got {array.size} values")
+    if not 0 < confidence < 1 or num_resamples < 1:
+        raise ValueError(f"bootstrap_mean_interval: confidence {confidence} must be in (0, 1) and "
+                         f"num_resamples {num_resamples} at least 1")
+    mean = float(array.mean())
+    indices = np.random.default_rng(seed).integers(0, array.size, size=(num_resamples, array.size))
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(array[indices].mean(axis=1), [tail, 100 - tail])
+    std = float(array.std(ddof=1)) if array.size > 1 else 0.0
+    return MeanInterval(mean, min(float(low), mean), max(float(high), mean), std, int(array.size))
+
+
+def _summary(values: np.ndarray, mean: float | None = None, median: float | None = None) -> Summary:
+    """Summary of (P,) values; ``mean``/``median`` override the plain statistics (Average column)."""
+    interval = bootstrap_mean_interval(values)
+    return Summary(
+        mean=interval.mean if mean is None else mean,
+        median=float(np.median(values)) if median is None else median,
+        std=interval.std, n=interval.n, ci_low=interval.low, ci_high=interval.high,
+    )
+
+
+def metric_names(table: Mapping[str, Mapping[str, object]]) -> list[str]:
+    """The metrics of a model -> metric -> value table, in the first model's order; every
+    model must have the same metrics in the same order."""
+    if not table:
+        raise ValueError("report: no models given; expected model -> metric -> value")
+    names = list(next(iter(table.values())))
+    for model, row in table.items():
+        if list(row) != names:
+            raise ValueError(f"report: model {model!r} has metrics {list(row)}; expected {names} like the first model")
+    return names
+
+
+def drop_redundant_average(table: Mapping[str, Mapping[str, T]]) -> dict[str, dict[str, T]]:
+    """model -> metric -> value without the Average column when there is only one scorer
+    (then it repeats that scorer's numbers); unchanged (copied) otherwise."""
+    metrics = metric_names(table)
+    if len(metrics) == 2 and AVERAGE in metrics:
+        return {model: {m: v for m, v in row.items() if m != AVERAGE} for model, row in table.items()}
+    return {model: dict(row) for model, row in table.items()}
 
 
 def _check_scores(scores_by_scorer: Mapping[str, np.ndarray], ndim: int | None, what: str) -> dict[str, np.ndarray]:
@@ -122,19 +222,22 @@ def select(scores_by_scorer: Mapping[str, np.ndarray], indices: np.ndarray) -> d
 
 
 def summarise(scores_by_scorer: Mapping[str, np.ndarray]) -> dict[str, Summary]:
-    """Each scorer's mean and median over all its entries, plus the Average column.
+    """Each scorer's statistics over all its entries, plus the Average column.
 
     Args:
         scorer -> scores, typically (P,) for the best-of-N images (any shape is flattened).
 
     Returns:
-        scorer -> Summary, and ``average`` -> Summary whose mean is the plain mean of the
-        scorers' means and whose median is the plain mean of their medians (the paper's
-        Average column averages each statistic across the metrics).
+        scorer -> Summary (mean, median, std, n, bootstrap 95% interval of the mean), and
+        ``average`` -> Summary whose mean is the plain mean of the scorers' means and whose
+        median is the plain mean of their medians (the paper's Average column averages each
+        statistic across the metrics); its std and interval are those of the per-entry plain
+        average over scorers, whose mean is that same mean.
     """
     arrays = _check_scores(scores_by_scorer, None, "summarise")
-    summary = {name: Summary(float(np.mean(array)), float(np.median(array))) for name, array in arrays.items()}
-    summary[AVERAGE] = Summary(
+    summary = {name: _summary(array.reshape(-1)) for name, array in arrays.items()}
+    summary[AVERAGE] = _summary(
+        np.mean(np.stack([array.reshape(-1) for array in arrays.values()]), axis=0),
         mean=float(np.mean([s.mean for s in summary.values()])),
         median=float(np.mean([s.median for s in summary.values()])),
     )

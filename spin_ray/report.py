@@ -1,9 +1,13 @@
-"""Evaluation reports people look at: metrics.json, markdown tables, plots, image grids.
+"""Evaluation reports people look at: metrics.json, report.md, plots, image grids.
 
 Every function takes plain data (the records of :mod:`spin_ray.evaluation`, dicts, lists
-of PIL images) and a local output directory, and returns the path it wrote. Plots use
-matplotlib's Agg canvas through ``matplotlib.figure.Figure`` (no pyplot, no global backend
-switch), so they work in headless Ray workers.
+of PIL images) and a local output directory, and returns the path it wrote. The matplotlib
+figures are in :mod:`spin_ray.report_plots` (re-exported here); this module writes the
+tables, the markdown page that ties the files together, and the image grid.
+
+With a single scorer the Average column repeats that scorer, so report.md, metrics.png and
+the plots leave it out (:func:`spin_ray.evaluation.drop_redundant_average`); metrics.json
+keeps every column for programs that read it.
 """
 
 from __future__ import annotations
@@ -15,17 +19,39 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from spin_ray.evaluation import Summary, WinRate
+from spin_ray.evaluation import BOOTSTRAP_RESAMPLES, Summary, WinRate, drop_redundant_average, metric_names
+from spin_ray.report_plots import (
+    METRICS_PLOT,
+    TRAINING_CURVES,
+    Series,
+    plot_metrics,
+    plot_over_iterations,
+    plot_training_curves,
+)
+
+__all__ = [
+    "IMAGE_GRID", "METRICS_JSON", "METRICS_PLOT", "REPORT_MARKDOWN", "TRAINING_CURVES", "Series", "plot_metrics",
+    "plot_over_iterations", "plot_training_curves", "save_image_grid", "write_markdown_report",
+    "write_metrics_json", "write_report",
+]
 
 METRICS_JSON = "metrics.json"
 REPORT_MARKDOWN = "report.md"
-METRICS_PLOT = "metrics.png"
 IMAGE_GRID = "image_grid.png"
-PLOT_DPI = 100
 FONT_SIZE = 14
+LINE_HEIGHT = FONT_SIZE + 4
+"""Pixels per line of text in the image grid."""
+TOY_REWARD_NOTE = (
+    "**What the `toy` score means.** The toy reward (`spin_ray/toy/reward.py`) is a fixed, analytic judge: "
+    "no learned weights, never trained, and no part of training. From the pixels alone it checks each "
+    "attribute the prompt names: the background colour, the shape's colour, the shape, and (when the prompt "
+    "names them) its size and its position. Each check is a soft probability in [0, 1]; the score is their "
+    "geometric mean, so it lies between 0 and 1. **1 means the image matches every attribute of the prompt**; "
+    "one clearly wrong attribute pulls the score towards 0. Real renderings of the prompts (the first row of "
+    "the image grid) typically score above 0.9."
+)
 
 
 def _write_text_atomically(path: Path, text: str) -> Path:
@@ -35,17 +61,6 @@ def _write_text_atomically(path: Path, text: str) -> Path:
     temporary.write_text(text)
     os.replace(temporary, path)
     return path
-
-
-def _metric_names(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Column order: the first row's metrics in their given order; every row must have them."""
-    if not rows:
-        raise ValueError("report: no models given; expected model -> metric -> value")
-    names = list(next(iter(rows.values())))
-    for model, row in rows.items():
-        if list(row) != names:
-            raise ValueError(f"report: model {model!r} has metrics {list(row)}; expected {names} like the first model")
-    return names
 
 
 # ----------------------------------------------------------------------------- json + markdown
@@ -58,11 +73,13 @@ def write_metrics_json(
     baseline: str | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``metrics.json``: ``{"summaries": {model: {metric: {"mean", "median"}}},
-    "baseline": ..., "win_rates": {model: {metric: {"win_rate", "tie_share", "num_prompts"}}},
-    "metadata": {...}}``."""
+    """Write ``metrics.json``: ``{"summaries": {model: {metric: {"mean", "median", "std", "n",
+    "ci_low", "ci_high"}}}, "baseline": ..., "win_rates": {model: {metric: {"win_rate",
+    "tie_share", "num_prompts"}}}, "metadata": {...}}``. Every column is kept (the Average
+    too); a Summary's fields that are None (no interval computed) are left out."""
     payload: dict[str, Any] = {
-        "summaries": {model: {metric: asdict(s) for metric, s in row.items()} for model, row in summaries.items()},
+        "summaries": {model: {metric: _summary_dict(s) for metric, s in row.items()}
+                      for model, row in summaries.items()},
         "baseline": baseline,
         "win_rates": {
             model: {metric: asdict(rate) for metric, rate in row.items()} for model, row in (win_rates or {}).items()
@@ -70,6 +87,10 @@ def write_metrics_json(
         "metadata": dict(metadata or {}),
     }
     return _write_text_atomically(Path(out_dir) / METRICS_JSON, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def _summary_dict(summary: Summary) -> dict[str, Any]:
+    return {key: value for key, value in asdict(summary).items() if value is not None}
 
 
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -81,7 +102,7 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 def summary_tables_markdown(summaries: Mapping[str, Mapping[str, Summary]]) -> str:
     """Table 1 of the paper: a Mean and a Median table, rows = models, columns = metrics
     (their Average column included), four decimals."""
-    metrics = _metric_names(summaries)
+    metrics = metric_names(summaries)
     sections = []
     for statistic in ("mean", "median"):
         rows = [[model] + [f"{getattr(row[m], statistic):.4f}" for m in metrics] for model, row in summaries.items()]
@@ -91,7 +112,7 @@ def summary_tables_markdown(summaries: Mapping[str, Mapping[str, Summary]]) -> s
 
 def win_rate_tables_markdown(win_rates: Mapping[str, Mapping[str, WinRate]], baseline: str) -> str:
     """Win rates (ties count half) and tie shares against ``baseline``, in percent, one decimal."""
-    metrics = _metric_names(win_rates)
+    metrics = metric_names(win_rates)
     sections = []
     for field, title in (("win_rate", "Win rate"), ("tie_share", "Ties")):
         rows = [
@@ -102,87 +123,80 @@ def win_rate_tables_markdown(win_rates: Mapping[str, Mapping[str, WinRate]], bas
     return "\n\n".join(sections)
 
 
+def _interval_cell(summary: Summary) -> str:
+    if summary.ci_low is None or summary.ci_high is None:
+        return f"{summary.mean:.4f}"
+    return f"{summary.mean:.4f} [{summary.ci_low:.4f}, {summary.ci_high:.4f}]"
+
+
+def interval_table_markdown(summaries: Mapping[str, Mapping[str, Summary]]) -> str:
+    """Rows = models; per metric the mean with its 95% bootstrap interval and the std over
+    prompts; then n, the number of prompts the statistics are over."""
+    metrics = metric_names(summaries)
+    header = ["model"] + [f"{m} {label}" for m in metrics for label in ("mean [95% interval]", "std")] + ["n"]
+    rows = []
+    for model, row in summaries.items():
+        cells = [model]
+        for metric in metrics:
+            summary = row[metric]
+            cells += [_interval_cell(summary), "-" if summary.std is None else f"{summary.std:.4f}"]
+        first = row[metrics[0]]
+        rows.append([*cells, "-" if first.n is None else str(first.n)])
+    return ("## Mean with 95% interval (bootstrap over prompts)\n\n" + _markdown_table(header, rows))
+
+
+def setup_markdown(metadata: Mapping[str, Any], baseline: str | None) -> str:
+    """One paragraph: what the numbers are over (P prompts x N images, best-of-N)."""
+    prompts, images = metadata.get("num_prompts"), metadata.get("num_images_per_prompt")
+    if prompts is None or images is None:
+        return ""
+    judge = "its score" if len(metadata.get("scorers") or []) == 1 else "the average over the scorers"
+    text = (f"**n = {prompts} prompts x {images} images per prompt** (same seeds for every model). Per prompt, "
+            f"each model's best of its {images} images (best-of-{images}, by {judge}) is scored, so every "
+            f"statistic below is over n = {prompts} values. The 95% interval of a mean is a percentile bootstrap "
+            f"over prompts ({BOOTSTRAP_RESAMPLES} resamples); std is the spread of the per-prompt scores.")
+    if metadata.get("prompt_set"):
+        text += f" Prompt set: `{metadata['prompt_set']}`."
+    if baseline:
+        text += f" Win rates are against `{baseline}`."
+    return text
+
+
+def figures_markdown(figures: Mapping[str, str]) -> str:
+    """``## Figures``: file name (relative to report.md) -> caption, each as an inline image."""
+    items = [f"**{name}**: {caption}.\n\n![{name}]({name})" for name, caption in figures.items()]
+    return "## Figures\n\n" + "\n\n".join(items)
+
+
 def write_markdown_report(
     out_dir: str | Path,
     summaries: Mapping[str, Mapping[str, Summary]],
     win_rates: Mapping[str, Mapping[str, WinRate]] | None = None,
     baseline: str | None = None,
     title: str = "Evaluation",
+    metadata: Mapping[str, Any] | None = None,
+    figures: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write ``report.md`` with the summary tables and, given a baseline, the win-rate tables."""
-    parts = [f"# {title}", summary_tables_markdown(summaries)]
+    """Write ``report.md``: what the toy score means (when a metric is ``toy``), n and the
+    best-of-N protocol (from ``metadata``), the means with 95% intervals, links to the
+    ``figures`` (file name -> caption), the Mean/Median tables and, given a baseline, the
+    win-rate tables. Columns are the given ones (see :func:`write_report` for dropping a
+    redundant Average)."""
+    metrics = metric_names(summaries)
+    parts = [f"# {title}"]
+    if "toy" in metrics:
+        parts.append(TOY_REWARD_NOTE)
+    setup = setup_markdown(metadata or {}, baseline if win_rates else None)
+    parts += [setup] if setup else []
+    parts.append(interval_table_markdown(summaries))
+    if figures:
+        parts.append(figures_markdown(figures))
+    parts.append(summary_tables_markdown(summaries))
     if win_rates:
         if baseline is None:
             raise ValueError("write_markdown_report: win_rates given without the baseline's name")
         parts.append(win_rate_tables_markdown(win_rates, baseline))
     return _write_text_atomically(Path(out_dir) / REPORT_MARKDOWN, "\n\n".join(parts) + "\n")
-
-
-# ----------------------------------------------------------------------------- plots
-
-
-def plot_metrics(
-    out_dir: str | Path,
-    summaries: Mapping[str, Mapping[str, Summary]],
-    statistic: str = "mean",
-    panel_size: tuple[float, float] = (3.0, 3.5),
-) -> Path:
-    """Bar plot ``metrics.png``: one panel per metric (their scales differ by 100x), one bar per model.
-
-    The image is ``panel_size`` inches per metric at 100 dpi (300 x 350 px per panel by default).
-    """
-    if statistic not in ("mean", "median"):
-        raise ValueError(f"plot_metrics: statistic {statistic!r}; expected 'mean' or 'median'")
-    metrics = _metric_names(summaries)
-    models = list(summaries)
-    figure = Figure(figsize=(panel_size[0] * len(metrics), panel_size[1]), dpi=PLOT_DPI, layout="constrained")
-    axes = figure.subplots(1, len(metrics), squeeze=False)[0]
-    for axis, metric in zip(axes, metrics, strict=True):
-        values = [getattr(summaries[model][metric], statistic) for model in models]
-        bars = axis.bar(range(len(models)), values, color=[f"C{i}" for i in range(len(models))])
-        axis.bar_label(bars, fmt="%.4f", fontsize=7)
-        axis.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=8)
-        axis.set_title(f"{metric} ({statistic})", fontsize=9)
-        # Differences between models are small relative to the scores: do not start at 0.
-        low, high = min(values), max(values)
-        margin = (high - low) * 0.5 or abs(high) * 0.05 or 1.0
-        axis.set_ylim(low - margin, high + margin)
-    path = Path(out_dir) / METRICS_PLOT
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
-
-
-def plot_over_iterations(
-    out_dir: str | Path,
-    values_by_series: Mapping[str, Sequence[float]],
-    metric: str,
-    size: tuple[float, float] = (5.0, 3.5),
-) -> Path:
-    """Line plot ``{metric}_over_iterations.png`` of one metric across self-play iterations.
-
-    Args:
-        values_by_series: series name (e.g. ``spin``, ``sft``) -> value at iteration 0, 1, ...
-            (iteration 0 is theta_0, the base model).
-        metric: the metric's name, used in the title and the file name.
-        size: inches at 100 dpi (500 x 350 px by default).
-    """
-    if not values_by_series:
-        raise ValueError(f"plot_over_iterations: no series given for {metric!r}")
-    figure = Figure(figsize=size, dpi=PLOT_DPI, layout="constrained")
-    axis = figure.subplots()
-    for name, values in values_by_series.items():
-        axis.plot(range(len(values)), list(values), marker="o", label=name)
-    longest = max(len(values) for values in values_by_series.values())
-    axis.set_xticks(range(longest))
-    axis.set_xlabel("self-play iteration")
-    axis.set_ylabel(metric)
-    axis.set_title(f"{metric} across iterations")
-    axis.legend(fontsize=8)
-    path = Path(out_dir) / f"{metric}_over_iterations.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
 
 
 # ----------------------------------------------------------------------------- image grid
@@ -197,6 +211,26 @@ def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, w
     return text + "..."
 
 
+def wrap_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int,
+              max_lines: int = 3) -> list[str]:
+    """Word-wrap ``text`` into lines of at most ``width`` pixels (about 35 characters for a
+    256 px cell at font size 14). At most ``max_lines`` lines: what does not fit is cut with
+    an ellipsis on the last line, as is a single word wider than a line."""
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        candidate = f"{current} {word}" if current else word
+        if current and draw.textlength(candidate, font=font) > width:
+            lines.append(current)
+            candidate = word
+        current = candidate
+    if current:
+        lines.append(current)
+    if len(lines) > max_lines:
+        lines = [*lines[: max_lines - 1], " ".join(lines[max_lines - 1:])]
+    return [_fit_text(draw, line, font, width) for line in lines]
+
+
 def save_image_grid(
     out_dir: str | Path,
     images_by_model: Mapping[str, Sequence[Image.Image]],
@@ -205,29 +239,34 @@ def save_image_grid(
     label_width: int = 160,
     header_height: int = 40,
     filename: str = IMAGE_GRID,
+    max_header_lines: int = 3,
 ) -> Path:
-    """Save a grid: one row per model (labelled on the left), one column per prompt (the
-    prompt above it); image j of every row was generated for prompt j with the same seed.
+    """Save a grid: one row per entry of ``images_by_model`` in its order (labelled on the
+    left; a reference row such as real data is just an entry, put first), one column per
+    prompt; image j of every row belongs to prompt j (the models' from the same seed).
 
-    Each image is scaled to fit a ``cell_size`` square (padded, not cropped). The PNG is
-    ``label_width + len(prompts) * cell_size`` wide and ``header_height + len(models) * cell_size`` high.
+    The prompt is word-wrapped above its column onto up to ``max_header_lines`` lines; the
+    header is ``header_height`` px or as tall as the longest wrapped prompt needs. Each
+    image is scaled to fit a ``cell_size`` square (padded, not cropped). The PNG is
+    ``label_width + len(prompts) * cell_size`` wide and ``header + len(rows) * cell_size`` high.
     """
     if not images_by_model or not prompts:
         raise ValueError("save_image_grid: expected at least one model and one prompt")
     for model, images in images_by_model.items():
         if len(images) != len(prompts):
             raise ValueError(f"save_image_grid: model {model!r} has {len(images)} images for {len(prompts)} prompts")
-    grid = Image.new(
-        "RGB", (label_width + len(prompts) * cell_size, header_height + len(images_by_model) * cell_size), "white"
-    )
-    draw = ImageDraw.Draw(grid)
     font = ImageFont.load_default(size=FONT_SIZE)
-    for column, prompt in enumerate(prompts):
-        x = label_width + column * cell_size
-        text = _fit_text(draw, prompt, font, cell_size - 8)
-        draw.text((x + 4, (header_height - FONT_SIZE) // 2), text, fill="black", font=font)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    headers = [wrap_text(measure, prompt, font, cell_size - 8, max_header_lines) for prompt in prompts]
+    header = max(header_height, max(len(lines) for lines in headers) * LINE_HEIGHT + 8)
+    grid = Image.new("RGB", (label_width + len(prompts) * cell_size, header + len(images_by_model) * cell_size),
+                     "white")
+    draw = ImageDraw.Draw(grid)
+    for column, lines in enumerate(headers):
+        for number, line in enumerate(lines):
+            draw.text((label_width + column * cell_size + 4, 4 + number * LINE_HEIGHT), line, fill="black", font=font)
     for row, (model, images) in enumerate(images_by_model.items()):
-        y = header_height + row * cell_size
+        y = header + row * cell_size
         text = _fit_text(draw, model, font, label_width - 8)
         draw.text((4, y + (cell_size - FONT_SIZE) // 2), text, fill="black", font=font)
         for column, image in enumerate(images):
@@ -245,10 +284,22 @@ def write_report(
     win_rates: Mapping[str, Mapping[str, WinRate]] | None = None,
     baseline: str | None = None,
     metadata: Mapping[str, Any] | None = None,
+    figures: Mapping[str, str] | None = None,
 ) -> dict[str, Path]:
-    """Write metrics.json, report.md and metrics.png; returns name -> path."""
-    return {
+    """Write metrics.json (every column), metrics.png and report.md (without the Average
+    column when there is one scorer); returns name -> path.
+
+    ``figures``: other files already in ``out_dir`` that report.md links to, file name ->
+    caption, in display order; metrics.png is added after them unless listed.
+    """
+    shown = drop_redundant_average(summaries)
+    shown_rates = drop_redundant_average(win_rates) if win_rates else win_rates
+    paths = {
         "metrics_json": write_metrics_json(out_dir, summaries, win_rates, baseline, metadata),
-        "markdown": write_markdown_report(out_dir, summaries, win_rates, baseline),
-        "metrics_plot": plot_metrics(out_dir, summaries),
+        "metrics_plot": plot_metrics(out_dir, shown),
     }
+    linked = dict(figures or {})
+    linked.setdefault(METRICS_PLOT, "every model's mean per metric (bars from 0, 95% intervals)")
+    paths["markdown"] = write_markdown_report(out_dir, shown, shown_rates, baseline, metadata=metadata,
+                                              figures=linked)
+    return paths

@@ -80,7 +80,7 @@ def test_run_evaluation_reports_what_the_stored_scores_say(ray_local, tiny_pipel
     assert rate["num_prompts"] == 3
 
     grid = Image.open(run_dir / "report" / "image_grid.png")
-    assert grid.size == (160 + 3 * 256, 40 + 2 * 256)  # 3 prompts x 2 models
+    assert grid.size == (160 + 3 * 256, 40 + 3 * 256)  # 3 prompts x (real data + 2 models)
     assert (run_dir / "report" / "toy_over_iterations.png").is_file()
     assert "| iter_1 |" in (run_dir / "report" / "report.md").read_text()
 

@@ -27,9 +27,11 @@ from spin_ray.eval_run import (
     iteration_series,
     prompt_rows,
     prompt_set_names,
+    reference_images,
     resolve_model,
     scorer_kwargs,
     self_play_order,
+    training_histories,
 )
 from spin_ray.evaluation import AVERAGE, Summary
 from spin_ray.prompts import load_prompts
@@ -121,18 +123,54 @@ def test_self_play_order_sorts_iterations_and_finds_the_sft_baseline():
     assert self_play_order(["base", "iter_1", "spin_iter_1"]) is None  # iteration 1 twice
 
 
-def test_iteration_series_plots_spin_across_iterations_and_sft_as_a_flat_reference():
+def _interval(mean: float, median: float = 0.0) -> Summary:
+    return Summary(mean, median, std=0.1, n=3, ci_low=mean - 0.05, ci_high=mean + 0.1)
+
+
+def test_iteration_series_plots_spin_across_iterations_and_sft_as_one_point():
     summaries = {
-        "base": {"toy": Summary(0.1, 0.0), AVERAGE: Summary(0.1, 0.0)},
-        "sft": {"toy": Summary(0.2, 0.0), AVERAGE: Summary(0.2, 0.0)},
-        "iter_1": {"toy": Summary(0.3, 0.0), AVERAGE: Summary(0.3, 0.0)},
-        "iter_2": {"toy": Summary(0.5, 0.9), AVERAGE: Summary(0.5, 0.9)},
+        "base": {"toy": _interval(0.1), AVERAGE: _interval(0.1)},
+        "sft": {"toy": _interval(0.2), AVERAGE: _interval(0.2)},
+        "iter_1": {"toy": _interval(0.3), AVERAGE: _interval(0.3)},
+        "iter_2": {"toy": _interval(0.5, 0.9), AVERAGE: _interval(0.5, 0.9)},
     }
     series = iteration_series(summaries)
-    assert list(series) == ["toy", AVERAGE]
-    assert series["toy"] == {"spin": [0.1, 0.3, 0.5], "sft": [0.2, 0.2, 0.2]}
-    assert iteration_series(summaries, "median")["toy"]["spin"] == [0.0, 0.0, 0.9]
+    assert list(series) == ["toy"]  # one scorer: its Average would repeat it
+    spin, sft = series["toy"]["spin"], series["toy"]["sft"]
+    assert (list(spin.x), spin.y, spin.connect) == ([0, 1, 2], [0.1, 0.3, 0.5], True)
+    assert spin.low == pytest.approx([0.05, 0.25, 0.45]) and spin.high == pytest.approx([0.2, 0.4, 0.6])
+    # SFT: a single marked point beside the last iteration, not a line across iterations.
+    assert len(sft.x) == len(sft.y) == 1 and not sft.connect
+    assert 2 < sft.x[0] < 2.5 and sft.y == [0.2] and sft.low == pytest.approx([0.15])
+    assert "SFT" in sft.label
+    median = iteration_series(summaries, "median")["toy"]["spin"]
+    assert median.y == [0.0, 0.0, 0.9] and median.low is None  # the interval is the mean's
     assert iteration_series({"a": summaries["base"], "b": summaries["sft"]}) == {}
+    two_scorers = {name: {"x": row["toy"], "y": row["toy"], AVERAGE: row["toy"]} for name, row in summaries.items()}
+    assert list(iteration_series(two_scorers)) == ["x", "y", AVERAGE]
+    assert "sft" not in iteration_series({k: v for k, v in summaries.items() if k != "sft"})["toy"]
+
+
+def test_reference_images_render_toy_prompts_with_a_fixed_seed_per_column():
+    prompts = ["a red circle on a blue background", "a small green square at the left on a white background"]
+    images = reference_images(prompts, resolution=32, eval_seed=0)
+    assert [image.size for image in images] == [(32, 32)] * 2
+    again = reference_images(prompts, resolution=32, eval_seed=0)
+    assert [image.tobytes() for image in images] == [image.tobytes() for image in again]
+    assert images[0].getpixel((0, 0))[2] > 150  # a blue background
+    assert reference_images(["a photo of a cat", *prompts], resolution=32, eval_seed=0) is None
+
+
+def test_training_histories_read_the_stages_of_the_evaluated_models(tmp_path):
+    run = RunDir(tmp_path)
+    run.write_json_atomic("iter_2/metrics.json", {"history": [{"step": 1, "loss": 0.6}]})
+    run.write_json_atomic("iter_1/metrics.json", {"history": [{"step": 1, "loss": 0.7, "implicit_acc": 0.5}]})
+    run.write_json_atomic("baseline_sft/metrics.json", {"history": [{"step": 1, "loss": 0.1}]})
+    run.write_text_atomic("iter_3/metrics.json", "not json")
+    histories = training_histories(run, ["base", "iter_2", "iter_1", "sft", "iter_3", "iter_4"])
+    assert list(histories) == ["sft", "iter_1", "iter_2"]
+    assert histories["iter_1"] == [{"step": 1, "loss": 0.7, "implicit_acc": 0.5}]
+    assert training_histories(run, ["base", "other"]) == {}
 
 
 def test_baseline_is_the_configured_model_or_else_the_first():
@@ -272,6 +310,9 @@ def test_evaluate_models_writes_the_report_to_an_object_store_and_reuses_scores(
     fake = FakePipeline({path: rank for rank, path in enumerate(models.values())}, ["toy"])
     monkeypatch.setattr(eval_run, "generate_and_score", fake)
     cfg = _self_play_cfg()
+    for stage in ("baseline_sft", "iter_1", "iter_2"):  # as run_stage leaves them
+        memory_run.write_json_atomic(f"{stage}/metrics.json", {"history": [
+            {"step": s, "loss": 0.5 / s, "implicit_acc": 0.5 + 0.1 * s, "margin": 0.01 * s} for s in (1, 2, 3)]})
 
     summaries = eval_run.evaluate_models(cfg, memory_run, models)
 
@@ -285,9 +326,16 @@ def test_evaluate_models_writes_the_report_to_an_object_store_and_reuses_scores(
     assert metrics["baseline"] == "base"
     assert metrics["win_rates"]["iter_2"]["toy"]["win_rate"] == 1.0
     assert metrics["metadata"]["best_indices"]["iter_1"] == [1, 1, 1]
-    for name in ["report.md", "metrics.png", "image_grid.png", "toy_over_iterations.png",
-                 "average_over_iterations.png"]:
+    for name in ["report.md", "metrics.png", "image_grid.png", "toy_over_iterations.png", "training_curves.png"]:
         assert memory_run.exists(f"report/{name}"), name
+    assert not memory_run.exists("report/average_over_iterations.png")  # one scorer: it would repeat toy's
+    report_md = memory_run.read_text("report/report.md")
+    assert "geometric mean" in report_md and "n = 3 prompts x 2 images per prompt" in report_md
+    assert "](training_curves.png)" in report_md and "| average" not in report_md
+    assert metrics["summaries"]["iter_1"]["toy"]["n"] == 3
+    with Image.open(io.BytesIO(memory_run.fs.cat_file(memory_run.fs_path("report/image_grid.png")))) as grid:
+        # Toy prompts: a real-data row above the 4 models' rows, 256 px each.
+        assert (grid.size[1] - 5 * 256) > 0 and (grid.size[1] - 5 * 256) < 256
     assert memory_run.is_done("eval/iter_2")
     assert memory_run.read_done("eval/iter_2")["num_rows"] == 6
 

@@ -11,6 +11,8 @@ from spin_ray.evaluation import (
     WinRate,
     average_scores,
     best_of_n,
+    bootstrap_mean_interval,
+    drop_redundant_average,
     evaluate_models,
     select,
     summarise,
@@ -27,7 +29,7 @@ def test_average_column_reproduces_the_papers_sd15_row():
     row = {"hpsv2": [0.2699], "aesthetic": [5.7691], "imagereward": [0.8159], "pickscore": [21.1983]}
     summary = summarise({name: np.array(values) for name, values in row.items()})
     assert summary[AVERAGE].mean == pytest.approx(7.0133, abs=5e-5)
-    assert summary["pickscore"] == Summary(mean=pytest.approx(21.1983), median=pytest.approx(21.1983))
+    assert (summary["pickscore"].mean, summary["pickscore"].median) == (pytest.approx(21.1983),) * 2
 
 
 # Two prompts, three images each. Raw averages per image:
@@ -66,10 +68,17 @@ def test_normalised_average_of_a_constant_scorer_is_zero():
 
 def test_summarise_means_medians_and_average_of_each_statistic():
     summary = summarise({"x": np.array([1.0, 2.0, 9.0]), "y": np.array([4.0, 10.0, 4.0])})
-    assert summary["x"] == Summary(mean=pytest.approx(4.0), median=pytest.approx(2.0))
-    assert summary["y"] == Summary(mean=pytest.approx(6.0), median=pytest.approx(4.0))
-    assert summary[AVERAGE] == Summary(mean=pytest.approx(5.0), median=pytest.approx(3.0))
+    assert (summary["x"].mean, summary["x"].median) == (pytest.approx(4.0), pytest.approx(2.0))
+    assert (summary["y"].mean, summary["y"].median) == (pytest.approx(6.0), pytest.approx(4.0))
+    assert (summary[AVERAGE].mean, summary[AVERAGE].median) == (pytest.approx(5.0), pytest.approx(3.0))
     assert list(summary) == ["x", "y", AVERAGE]
+    # Spread and interval: x's std is that of [1, 2, 9]; the Average's are those of the
+    # per-prompt average [2.5, 6, 6.5], whose mean is the Average's mean.
+    assert summary["x"].std == pytest.approx(np.std([1.0, 2.0, 9.0], ddof=1)) and summary["x"].n == 3
+    assert summary[AVERAGE].std == pytest.approx(np.std([2.5, 6.0, 6.5], ddof=1)) and summary[AVERAGE].n == 3
+    for row in summary.values():
+        assert row.ci_low <= row.mean <= row.ci_high
+    assert summary["x"].ci_low >= 1.0 and summary["x"].ci_high <= 9.0
 
 
 def test_win_rate_counts_ties_as_half():
@@ -109,7 +118,8 @@ def test_evaluate_models_and_win_rates_against_baseline():
     np.testing.assert_array_equal(evaluations["sd15"].best_indices, [0, 0])
     np.testing.assert_array_equal(evaluations["spin"].best_indices, [1, 1])
     assert evaluations["spin"].best_scores == {"a": pytest.approx([2.0, 1.0]), "b": pytest.approx([9.0, 3.0])}
-    assert evaluations["spin"].summary["a"] == Summary(mean=pytest.approx(1.5), median=pytest.approx(1.5))
+    spin_a = evaluations["spin"].summary["a"]
+    assert (spin_a.mean, spin_a.median, spin_a.n) == (pytest.approx(1.5), pytest.approx(1.5), 2)
     assert evaluations["spin"].summary[AVERAGE].mean == pytest.approx((1.5 + 6.0) / 2)
 
     rates = win_rates_against(evaluations, baseline="sd15")
@@ -135,3 +145,53 @@ def test_bad_inputs_name_the_problem():
         summarise({AVERAGE: np.zeros(2)})
     with pytest.raises(ValueError, match="one per prompt"):
         select(SMALL, np.array([0]))
+
+
+# ----------------------------------------------------------------------------- bootstrap intervals
+
+
+def test_bootstrap_interval_contains_the_mean_and_matches_std_and_n():
+    values = np.random.default_rng(3).uniform(0.0, 1.0, size=50)
+    interval = bootstrap_mean_interval(values)
+    assert interval.mean == pytest.approx(values.mean())
+    assert interval.low < interval.mean < interval.high
+    assert interval.std == pytest.approx(values.std(ddof=1)) and interval.n == 50
+    # The 95% interval of a mean is about +-1.96 standard errors wide.
+    half_width = (interval.high - interval.low) / 2
+    assert half_width == pytest.approx(1.96 * values.std() / np.sqrt(50), rel=0.2)
+
+
+def test_bootstrap_interval_shrinks_with_more_prompts():
+    rng = np.random.default_rng(0)
+    widths = []
+    for num_prompts in (10, 100, 1000):
+        interval = bootstrap_mean_interval(rng.uniform(0.0, 1.0, size=num_prompts))
+        widths.append(interval.high - interval.low)
+    assert widths[0] > widths[1] > widths[2]
+    assert widths[0] / widths[2] == pytest.approx(10.0, rel=0.35)  # 1 / sqrt(n)
+
+
+def test_bootstrap_interval_is_deterministic_in_the_seed():
+    values = np.arange(20.0) ** 1.5
+    assert bootstrap_mean_interval(values, seed=7) == bootstrap_mean_interval(values, seed=7)
+    assert bootstrap_mean_interval(values, seed=7) != bootstrap_mean_interval(values, seed=8)
+    assert summarise({"a": values}) == summarise({"a": values})
+
+
+def test_bootstrap_interval_of_one_or_equal_values_is_the_value():
+    one = bootstrap_mean_interval(np.array([0.7]))
+    assert (one.mean, one.low, one.high, one.std, one.n) == (pytest.approx(0.7),) * 3 + (0.0, 1)
+    same = bootstrap_mean_interval(np.full(5, 0.25))
+    assert same.low == same.high == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="at least one finite value"):
+        bootstrap_mean_interval(np.array([]))
+    with pytest.raises(ValueError, match="confidence"):
+        bootstrap_mean_interval(np.ones(3), confidence=1.5)
+
+
+def test_the_average_column_is_dropped_only_when_it_repeats_one_scorer():
+    one = {"base": {"toy": Summary(0.5, 0.5), AVERAGE: Summary(0.5, 0.5)}}
+    assert drop_redundant_average(one) == {"base": {"toy": Summary(0.5, 0.5)}}
+    two = {"base": {"a": Summary(1.0, 1.0), "b": Summary(3.0, 3.0), AVERAGE: Summary(2.0, 2.0)}}
+    assert drop_redundant_average(two) == two
+    assert drop_redundant_average({"base": {"toy": 0.5}}) == {"base": {"toy": 0.5}}

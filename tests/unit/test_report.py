@@ -15,12 +15,17 @@ from spin_ray.report import (
     METRICS_JSON,
     METRICS_PLOT,
     REPORT_MARKDOWN,
+    TRAINING_CURVES,
+    Series,
     plot_metrics,
     plot_over_iterations,
+    plot_training_curves,
     save_image_grid,
+    wrap_text,
     write_metrics_json,
     write_report,
 )
+from spin_ray.report_plots import value_limits
 
 SUMMARIES = {
     "sd15": {
@@ -49,8 +54,15 @@ WIN_RATES = {
 }
 
 
-def parse_markdown_tables(text: str) -> dict[str, dict[str, dict[str, float]]]:
-    """'## Title' -> row label -> column -> number, for every table in the report."""
+def _number_or_text(cell: str) -> float | str:
+    try:
+        return float(cell)
+    except ValueError:
+        return cell
+
+
+def parse_markdown_tables(text: str) -> dict[str, dict[str, dict[str, float | str]]]:
+    """'## Title' -> row label -> column -> number (or the cell's text), for every table in the report."""
     tables, title, header = {}, None, None
     for line in text.splitlines():
         if line.startswith("## "):
@@ -61,7 +73,8 @@ def parse_markdown_tables(text: str) -> dict[str, dict[str, dict[str, float]]]:
             if header is None:
                 header = cells
             else:
-                tables[title][cells[0]] = {column: float(value) for column, value in zip(header[1:], cells[1:], strict=True)}
+                tables[title][cells[0]] = {column: _number_or_text(value)
+                                          for column, value in zip(header[1:], cells[1:], strict=True)}
     return tables
 
 
@@ -77,7 +90,8 @@ def test_write_report_files_hold_the_given_numbers(tmp_path):
     assert payload["win_rates"]["spin_iter3"]["hpsv2"] == {"win_rate": 0.625, "tie_share": 0.25, "num_prompts": 4}
 
     tables = parse_markdown_tables((tmp_path / REPORT_MARKDOWN).read_text())
-    assert set(tables) == {"Mean", "Median", "Win rate against sd15 (%, ties count half)", "Ties against sd15 (%)"}
+    assert set(tables) == {"Mean with 95% interval (bootstrap over prompts)", "Figures", "Mean", "Median",
+                           "Win rate against sd15 (%, ties count half)", "Ties against sd15 (%)"}
     for statistic, title in (("mean", "Mean"), ("median", "Median")):
         for model, row in SUMMARIES.items():
             assert list(tables[title][model]) == list(row)  # metrics in the given order, Average last
@@ -133,18 +147,138 @@ def test_image_grid_size_and_cells(tmp_path):
     path = save_image_grid(tmp_path, images, prompts, cell_size=64, label_width=100, header_height=30)
     assert path.name == IMAGE_GRID
     with Image.open(path) as grid:
-        assert grid.size == (100 + 3 * 64, 30 + 2 * 64)
+        # The long prompt wraps onto 3 lines: the header grows beyond the 30 px asked for.
+        header = grid.size[1] - 2 * 64
+        assert grid.size[0] == 100 + 3 * 64 and header >= 3 * 14
         pixels = np.asarray(grid.convert("RGB"))
     # Cell centres: row 0 red, row 1 blue.
-    assert tuple(pixels[30 + 32, 100 + 32]) == (255, 0, 0)
-    assert tuple(pixels[30 + 64 + 32, 100 + 2 * 64 + 32]) == (0, 0, 255)
+    assert tuple(pixels[header + 32, 100 + 32]) == (255, 0, 0)
+    assert tuple(pixels[header + 64 + 32, 100 + 2 * 64 + 32]) == (0, 0, 255)
     # The 64x32 image is letterboxed: white above, blue in the middle.
-    assert tuple(pixels[30 + 64 + 2, 100 + 64 + 32]) == (255, 255, 255)
-    assert tuple(pixels[30 + 64 + 32, 100 + 64 + 32]) == (0, 0, 255)
-    # Row labels are drawn in the label column.
-    assert (pixels[30 : 30 + 64, :100] < 128).any()
+    assert tuple(pixels[header + 64 + 2, 100 + 64 + 32]) == (255, 255, 255)
+    assert tuple(pixels[header + 64 + 32, 100 + 64 + 32]) == (0, 0, 255)
+    # Row labels are drawn in the label column, prompts in the header.
+    assert (pixels[header : header + 64, :100] < 128).any()
+    assert (pixels[:header, 100:] < 128).any()
+
+
+def test_image_grid_with_a_reference_row_has_one_more_row_and_it_comes_first(tmp_path):
+    prompts = ["a red circle on a blue background", "a small green square at the left on a white background"]
+    models = {"base": [Image.new("RGB", (32, 32), (0, 0, 255))] * 2, "iter_1": [Image.new("RGB", (32, 32))] * 2}
+    without = save_image_grid(tmp_path / "a", models, prompts)
+    with_reference = save_image_grid(tmp_path / "b", {"real (data)": [Image.new("RGB", (32, 32), (255, 0, 0))] * 2,
+                                                      **models}, prompts)
+    with Image.open(without) as small, Image.open(with_reference) as large:
+        assert large.size == (small.size[0], small.size[1] + 256)
+        header = large.size[1] - 3 * 256
+        assert large.getpixel((160 + 128, header + 128)) == (255, 0, 0)  # the reference row is first
+        assert large.getpixel((160 + 128, header + 256 + 128)) == (0, 0, 255)
+
+
+def test_prompts_are_wrapped_not_cut():
+    from PIL import ImageDraw, ImageFont
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    font = ImageFont.load_default(size=14)
+    prompt = "a small red circle at the left on a blue background"  # the longest toy prompt shape
+    lines = wrap_text(draw, prompt, font, 256 - 8)
+    assert len(lines) == 2 and " ".join(lines) == prompt
+    assert all(draw.textlength(line, font=font) <= 248 for line in lines)
+    long = wrap_text(draw, "word " * 60, font, 248)
+    assert len(long) == 3 and long[-1].endswith("...")
+    assert wrap_text(draw, "x" * 200, font, 248)[0].endswith("...")  # one word wider than a line
 
 
 def test_image_grid_checks_one_image_per_prompt(tmp_path):
     with pytest.raises(ValueError, match="model 'spin' has 1 images for 2 prompts"):
         save_image_grid(tmp_path, {"spin": [Image.new("RGB", (8, 8))]}, ["a", "b"])
+
+
+# ----------------------------------------------------------------------------- readability
+
+
+def _summary(mean: float, low: float, high: float, std: float = 0.1, n: int = 3) -> Summary:
+    return Summary(mean, mean, std=std, n=n, ci_low=low, ci_high=high)
+
+
+ONE_SCORER = {
+    "base": {"toy": _summary(0.2, 0.1, 0.3), AVERAGE: _summary(0.2, 0.1, 0.3)},
+    "iter_1": {"toy": _summary(0.5, 0.4, 0.6), AVERAGE: _summary(0.5, 0.4, 0.6)},
+}
+
+
+def test_one_scorer_gives_no_average_column_or_panel_but_json_keeps_it(tmp_path):
+    win_rates = {"iter_1": {"toy": WinRate(1.0, 0.0, 3), AVERAGE: WinRate(1.0, 0.0, 3)}}
+    write_report(tmp_path, ONE_SCORER, win_rates, baseline="base")
+    tables = parse_markdown_tables((tmp_path / REPORT_MARKDOWN).read_text())
+    for title in ("Mean", "Median", "Win rate against base (%, ties count half)", "Ties against base (%)"):
+        assert all(list(row) == ["toy"] for row in tables[title].values()), title
+    interval_table = tables["Mean with 95% interval (bootstrap over prompts)"]
+    assert interval_table["iter_1"] == {"toy mean [95% interval]": "0.5000 [0.4000, 0.6000]", "toy std": 0.1, "n": 3}
+    with Image.open(tmp_path / METRICS_PLOT) as image:
+        assert image.size == (300, 350)  # one panel
+    payload = json.loads((tmp_path / METRICS_JSON).read_text())
+    assert payload["summaries"]["base"][AVERAGE] == {"mean": 0.2, "median": 0.2, "std": 0.1, "n": 3,
+                                                     "ci_low": 0.1, "ci_high": 0.3}
+
+
+def test_report_md_explains_the_toy_reward_n_and_links_the_figures(tmp_path):
+    metadata = {"num_prompts": 3, "num_images_per_prompt": 2, "prompt_set": "toy"}
+    figures = {IMAGE_GRID: "The grid", "toy_over_iterations.png": "Over iterations", TRAINING_CURVES: "Curves"}
+    write_report(tmp_path, ONE_SCORER, metadata=metadata, figures=figures)
+    text = (tmp_path / REPORT_MARKDOWN).read_text()
+    top = text[: text.index("## ")]  # the explanation comes before any table
+    assert "geometric mean" in top and "1 means the image matches every attribute" in top
+    assert "fixed, analytic judge" in top
+    assert "n = 3 prompts x 2 images per prompt" in top and "best-of-2" in top
+    for name in (IMAGE_GRID, "toy_over_iterations.png", METRICS_PLOT, TRAINING_CURVES):
+        assert f"]({name})" in text, name
+    assert text.index(f"]({IMAGE_GRID})") < text.index(f"]({METRICS_PLOT})")  # the given order, metrics.png last
+    # Without a toy metric there is nothing to explain about it.
+    write_report(tmp_path, SUMMARIES)
+    assert "geometric mean" not in (tmp_path / REPORT_MARKDOWN).read_text()
+
+
+def test_value_axes_start_at_zero_and_scores_in_0_1_get_0_to_1():
+    assert value_limits([0.61, 0.63, 0.7]) == (0.0, 1.0)
+    low, high = value_limits([21.2, 22.0])
+    assert low == 0.0 and 22.0 < high < 23.5
+    low, high = value_limits([-0.5, 1.2])
+    assert low < -0.5 and high > 1.2
+
+
+def test_metrics_plot_with_intervals(tmp_path):
+    path = plot_metrics(tmp_path, {"base": {"toy": _summary(0.2, 0.1, 0.3)}, "sft": {"toy": Summary(0.4, 0.4)}})
+    with Image.open(path) as image:
+        assert image.size == (300, 350)
+        assert np.asarray(image.convert("L")).std() > 10
+
+
+def test_iteration_plot_with_an_sft_point_and_error_bars(tmp_path):
+    series = {
+        "spin": Series(x=[0, 1, 2], y=[0.2, 0.4, 0.5], low=[0.1, 0.3, 0.45], high=[0.3, 0.5, 0.55]),
+        "sft": Series(x=[2.15], y=[0.3], low=[0.25], high=[0.35], label="SFT baseline (same samples)",
+                      connect=False, marker="D"),
+    }
+    path = plot_over_iterations(tmp_path, series, "toy")
+    with Image.open(path) as image:
+        assert image.size == (500, 350)
+    with pytest.raises(ValueError, match="one value per point"):
+        Series(x=[0, 1], y=[0.2])
+
+
+def test_training_curves_from_a_fake_history(tmp_path):
+    histories = {
+        "sft": [{"step": s, "loss": 1.0 / s, "mse": 1.0 / s} for s in range(1, 6)],
+        "iter_1": [{"step": s, "loss": 0.7 - 0.05 * s, "implicit_acc": 0.5 + 0.05 * s, "margin": 0.01 * s}
+                   for s in range(1, 6)],
+        "iter_2": [{"step": 2 * s, "loss": 0.6, "implicit_acc": 0.6, "margin": float("nan")} for s in range(1, 4)],
+    }
+    path = plot_training_curves(tmp_path, histories)
+    assert path is not None and path.name == TRAINING_CURVES
+    with Image.open(path) as image:
+        assert image.size == (3 * 400, 320)
+        assert np.asarray(image.convert("L")).std() > 10
+    assert plot_training_curves(tmp_path / "none", {}) is None
+    assert plot_training_curves(tmp_path / "none", {"sft": [{"step": 1, "mse": 0.1}]}) is None
+    assert not (tmp_path / "none").exists()
