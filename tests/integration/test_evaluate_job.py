@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from spin_ray import eval_run, evaluation
+from spin_ray import eval_report, eval_run, evaluation
 from spin_ray.config import load_config
 from spin_ray.diffusion import load_components, save_pipeline
 
@@ -62,7 +62,7 @@ def test_run_evaluation_reports_what_the_stored_scores_say(ray_local, tiny_pipel
         assert cells == [(p, i, eval_run.image_seed(0, p, i)) for p in range(3) for i in range(2)]  # same seeds
     assert tables["base"]["toy"] != tables["iter_1"]["toy"]  # the perturbed UNet draws other images
 
-    scores = {name: eval_run.gather_scores(table, ["toy"], 3, 2) for name, table in tables.items()}
+    scores = {name: eval_report.gather_scores(table, ["toy"], 3, 2) for name, table in tables.items()}
     expected = evaluation.evaluate_models(scores)
     metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
     for name in models:

@@ -13,25 +13,27 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from spin_ray import eval_run
+from spin_ray import eval_report, eval_run
 from spin_ray.config import ConfigError, load_config
+from spin_ray.eval_report import (
+    choose_baseline,
+    gather_scores,
+    grid_images,
+    iteration_series,
+    reference_images,
+    self_play_order,
+    training_histories,
+)
 from spin_ray.eval_run import (
     EvalImageGenerator,
     ImageSpec,
     ScorerActor,
     ScorerSpec,
-    choose_baseline,
-    gather_scores,
-    grid_images,
     image_seed,
-    iteration_series,
     prompt_rows,
     prompt_set_names,
-    reference_images,
     resolve_model,
     scorer_kwargs,
-    self_play_order,
-    training_histories,
 )
 from spin_ray.evaluation import AVERAGE, Summary
 from spin_ray.prompts import load_prompts
@@ -104,7 +106,7 @@ def _png(colour: tuple[int, int, int]) -> bytes:
 
 def test_grid_images_are_image_zero_of_the_first_prompts_in_prompt_order():
     columns = {"prompt_index": [1, 0, 0, 2], "image_index": [0, 1, 0, 0],
-               eval_run.IMAGE_COLUMN: [_png((0, 255, 0)), b"", _png((255, 0, 0)), b""]}
+               eval_report.IMAGE_COLUMN: [_png((0, 255, 0)), b"", _png((255, 0, 0)), b""]}
     images = grid_images(columns, num_prompts=2)
     assert [image.getpixel((0, 0)) for image in images] == [(255, 0, 0), (0, 255, 0)]
     with pytest.raises(ValueError, match=r"prompts \[2\]"):
@@ -244,10 +246,10 @@ def test_generator_images_depend_on_the_seed_not_on_the_batch(tiny_pipeline_dir)
     together = generator(_batch(rows))
     alone = generator(_batch(rows[3:]))
     assert list(together["prompt_index"]) == [0, 0, 1, 1] and list(together["image_index"]) == [0, 1, 0, 1]
-    first = _pixels(together[eval_run.IMAGE_COLUMN][0])
+    first = _pixels(together[eval_report.IMAGE_COLUMN][0])
     assert first.shape == (128, 128, 3)
-    assert np.abs(_pixels(together[eval_run.IMAGE_COLUMN][3]) - _pixels(alone[eval_run.IMAGE_COLUMN][0])).max() <= 1
-    assert np.abs(first - _pixels(together[eval_run.IMAGE_COLUMN][1])).max() > 1  # another seed, another image
+    assert np.abs(_pixels(together[eval_report.IMAGE_COLUMN][3]) - _pixels(alone[eval_report.IMAGE_COLUMN][0])).max() <= 1
+    assert np.abs(first - _pixels(together[eval_report.IMAGE_COLUMN][1])).max() > 1  # another seed, another image
 
 
 def test_scorer_actor_adds_one_column_per_scorer_and_keeps_only_grid_images():
@@ -256,14 +258,14 @@ def test_scorer_actor_adds_one_column_per_scorer_and_keeps_only_grid_images():
     prompts = ["a red circle on a blue background"] * 2 + ["a green square on a white background"] * 2
     batch = _batch(prompt_rows(prompts[::2], num_images=2, eval_seed=0))
     batch["prompt"] = np.asarray(prompts, dtype=object)
-    batch[eval_run.IMAGE_COLUMN] = np.asarray([eval_run._png(image) for image in images], dtype=object)
+    batch[eval_report.IMAGE_COLUMN] = np.asarray([eval_run._png(image) for image in images], dtype=object)
     actor = ScorerActor(ScorerSpec(scorers=("toy",), options={"toy": {"colour_sigma": "0.2"}}, grid_prompts=1,
                                    device="cpu"))
     out = actor(batch)
     expected = ToyScorer(colour_sigma=0.2).score(images, prompts)
     np.testing.assert_allclose(out["toy"], expected, rtol=1e-6)
     assert out["toy"].dtype == np.float32
-    assert [len(raw) > 0 for raw in out[eval_run.IMAGE_COLUMN]] == [True, False, False, False]
+    assert [len(raw) > 0 for raw in out[eval_report.IMAGE_COLUMN]] == [True, False, False, False]
     assert list(out["seed"]) == list(batch["seed"])
 
 
@@ -286,7 +288,7 @@ class FakePipeline:
         columns = {name: [row[name] for row in rows] for name in eval_run.ROW_COLUMNS}
         for k, name in enumerate(self.scorers):
             columns[name] = [np.float32(rank + 0.1 * row["image_index"] + 0.01 * k) for row in rows]
-        columns[eval_run.IMAGE_COLUMN] = [_png((40 * rank, 0, 0)) if row["image_index"] == 0 else b""
+        columns[eval_report.IMAGE_COLUMN] = [_png((40 * rank, 0, 0)) if row["image_index"] == 0 else b""
                                           for row in rows]
         return pa.table(columns)
 
