@@ -164,7 +164,8 @@ class SelfPlayConfig:
     iterations: int = 3
     """Number of self-play iterations K."""
     sft_baseline: bool = False
-    """Also train an SFT model on the same data and steps as iteration 1, for comparison."""
+    """Also train an SFT model from theta_0 on the same data and as many samples as all the
+    iterations together (their steps summed; iteration 1's learning rate), for comparison."""
 
 
 @dataclass(frozen=True)

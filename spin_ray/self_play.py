@@ -46,8 +46,7 @@ def run(cfg: Config) -> RunResult:
     result.models["base"] = base_model
     prepared = ensure_prepared(cfg, rundir, base_model)
     if cfg.self_play.sft_baseline:
-        result.models["sft"] = run_stage(cfg, rundir, SFT_BASELINE, model_path=base_model,
-                                         base_model=base_model, prepared=prepared, iteration=1, loss_type="sft")
+        result.models["sft"] = run_sft_baseline(cfg, rundir, base_model=base_model, prepared=prepared)
     last_done = rundir.last_done_iteration()
     for k in range(1, cfg.self_play.iterations + 1):
         rel = f"iter_{k}"
@@ -162,10 +161,25 @@ def _label(name: str | None) -> dict[str, float] | None:
 # ----------------------------------------------------------------------------- one stage
 
 
-def samples_per_iteration(cfg: Config, iteration: int) -> int:
-    """Samples one iteration trains on: steps x batch x accumulation x workers."""
+def samples_per_iteration(cfg: Config, iteration: int, steps: int | None = None) -> int:
+    """Samples one iteration trains on: steps x batch x accumulation x workers (``steps``:
+    the iteration's ``train.steps`` unless given)."""
     t = cfg.train
-    return int(per_iteration(t.steps, iteration)) * t.batch_size * t.gradient_accumulation_steps * t.num_workers
+    steps = int(per_iteration(t.steps, iteration)) if steps is None else steps
+    return steps * t.batch_size * t.gradient_accumulation_steps * t.num_workers
+
+
+def sft_baseline_steps(cfg: Config) -> int:
+    """The SFT baseline's steps: all SPIN iterations' steps together, so it trains on as many
+    real samples as the whole self-play run (a fair comparison of the two uses of the data)."""
+    return sum(int(per_iteration(cfg.train.steps, k)) for k in range(1, cfg.self_play.iterations + 1))
+
+
+def run_sft_baseline(cfg: Config, rundir: RunDir, *, base_model: str, prepared: Prepared) -> str:
+    """Train (or reuse) the SFT baseline from theta_0 with iteration 1's learning rate and
+    :func:`sft_baseline_steps` steps; returns its model directory."""
+    return run_stage(cfg, rundir, SFT_BASELINE, model_path=base_model, base_model=base_model, prepared=prepared,
+                     iteration=1, loss_type="sft", steps=sft_baseline_steps(cfg))
 
 
 def opponent_pairs(cfg: Config, rundir: RunDir, opponents_rel: str, *, model_path: str, prepared: Prepared,
@@ -191,11 +205,13 @@ def generate_opponents(cfg: Config, rundir: RunDir, opponents_rel: str, *, model
 
 
 def run_stage(cfg: Config, rundir: RunDir, rel: str, *, model_path: str, base_model: str,
-              prepared: Prepared, iteration: int, loss_type: str, opponents_rel: str | None = None) -> str:
+              prepared: Prepared, iteration: int, loss_type: str, opponents_rel: str | None = None,
+              steps: int | None = None) -> str:
     """Train one model (a SPIN iteration or the SFT baseline); returns its model directory.
 
     Opponents are cached in ``opponents_rel`` (default ``<rel>/opponents``); pass a shared
-    folder to let several trainings of the same iteration reuse one generation.
+    folder to let several trainings of the same iteration reuse one generation. ``steps``
+    replaces the iteration's ``train.steps`` (the SFT baseline trains for all iterations').
     """
     model_rel = f"{rel}/model"
     if rundir.is_done(rel):
@@ -204,8 +220,8 @@ def run_stage(cfg: Config, rundir: RunDir, rel: str, *, model_path: str, base_mo
     from spin_ray.trainer import checkpoint_history, fit
 
     started = time.time()
-    plan = _train_plan(cfg, model_path, iteration, loss_type)
-    n_samples = samples_per_iteration(cfg, iteration)
+    plan = _train_plan(cfg, model_path, iteration, loss_type, steps)
+    n_samples = samples_per_iteration(cfg, iteration, plan.steps)
     if loss_type == "sft":
         samples = sample_table(prepared.path, prepared.n_rows, n_samples)
         dataset = sft_samples(samples, run_seed=cfg.seed, iteration=iteration)
@@ -229,14 +245,15 @@ def run_stage(cfg: Config, rundir: RunDir, rel: str, *, model_path: str, base_mo
     return rundir.local_copy(model_rel)
 
 
-def _train_plan(cfg: Config, model_path: str, iteration: int, loss_type: str):
+def _train_plan(cfg: Config, model_path: str, iteration: int, loss_type: str, steps: int | None = None):
     from spin_ray.trainer import TrainPlan
 
     t = cfg.train
+    steps = int(per_iteration(t.steps, iteration)) if steps is None else steps
     return TrainPlan(
         init_model_path=model_path, loss_type=loss_type, online_reference=cfg.loss.reference == "online",
         beta=float(per_iteration(cfg.loss.beta, iteration)), lr=float(per_iteration(t.lr, iteration)),
-        steps=int(per_iteration(t.steps, iteration)), batch_size=t.batch_size,
+        steps=steps, batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, weight_decay=t.weight_decay,
         warmup_steps=t.warmup_steps, lr_schedule=t.lr_schedule, max_grad_norm=t.max_grad_norm,
         mixed_precision=t.mixed_precision, gradient_checkpointing=t.gradient_checkpointing,

@@ -71,11 +71,11 @@ from spin_ray.config import (
 )
 from spin_ray.rundir import RunDir, iteration_number
 from spin_ray.self_play import (
-    SFT_BASELINE,
     Prepared,
     ensure_prepared,
     generate_opponents,
     resolve_base_model,
+    run_sft_baseline,
     run_stage,
     samples_per_iteration,
 )
@@ -253,14 +253,14 @@ def score_model(cfg: Config, rundir: RunDir, eval_rel: str, model_rel: str, metr
     :mod:`spin_ray.eval_run` generates and scores (on ``eval.gpus_per_actor`` GPUs); the scores
     are cached in ``eval_rel``.
     """
-    from spin_ray import eval_run, evaluation
+    from spin_ray import eval_report, eval_run, evaluation
     from spin_ray.prompts import load_prompts
 
     scorers = list(cfg.eval.scorers) if metric == AVERAGE_METRIC else [metric]
     scoring_cfg = with_overrides(cfg, {"eval.scorers": scorers})
     prompts = load_prompts(eval_run.prompt_set_paths(cfg.eval.prompts)[0], cfg.eval.max_prompts)
     table = eval_run.model_scores(scoring_cfg, rundir, eval_rel, rundir.path(model_rel), prompts)
-    scores = eval_run.gather_scores(table.to_pydict(), scorers, len(prompts), cfg.eval.num_images_per_prompt)
+    scores = eval_report.gather_scores(table.to_pydict(), scorers, len(prompts), cfg.eval.num_images_per_prompt)
     result = evaluation.evaluate_models({"model": scores}, normalise=cfg.eval.normalise_average)["model"]
     return float(result.summary[evaluation.AVERAGE if metric == AVERAGE_METRIC else metric].mean)
 
@@ -304,8 +304,7 @@ def run_sweep(cfg: Config, sweep: SweepConfig) -> SweepResult:
                      prepared=ensure_prepared(cfg, rundir, base_model))
     result = SweepResult(run_dir=cfg.run_dir, models={BASE: base_model})
     if cfg.self_play.sft_baseline:
-        result.models["sft"] = run_stage(cfg, rundir, SFT_BASELINE, model_path=base_model, base_model=base_model,
-                                         prepared=shared.prepared, iteration=1, loss_type="sft")
+        result.models["sft"] = run_sft_baseline(cfg, rundir, base_model=base_model, prepared=shared.prepared)
     if sweep.mode == "pbt":
         result.winners = _run_pbt(shared)
     else:
