@@ -1,6 +1,6 @@
 """The scaling model: one iteration's time on N GPUs split between generation and training.
 
-Generation actors and training workers stream concurrently (DESIGN.md section 3), so with G
+Generation actors and training workers stream concurrently (docs/DESIGN.md section 3.1), so with G
 generation GPUs at g images/s each and T training GPUs at s samples/s each, an iteration of n
 samples takes about
 

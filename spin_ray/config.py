@@ -100,7 +100,7 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The training objective; see :mod:`spin_ray.loss` and DESIGN.md section 4."""
+    """The training objective; see :mod:`spin_ray.loss` and docs/DESIGN.md section 4."""
 
     type: Literal["spin", "sft"] = "spin"
     """``spin``: self-play loss against theta_k; ``sft``: plain denoising loss on real images."""

@@ -1,6 +1,6 @@
 """The UNet fast path on GPU, and the FLOP accounting that says how close to the hardware we are.
 
-Generation is over 90% of SPIN's compute (DESIGN.md section 3: ~80 TFLOP per opponent image at
+Generation is over 90% of SPIN's compute (docs/DESIGN.md section 5: ~80 TFLOP per opponent image at
 SD-1.5 size against ~6.4 TFLOP per training sample), so the UNet must run near the GPU's
 limit: bf16 weights for the frozen opponent, PyTorch's fused scaled-dot-product attention
 (diffusers' ``AttnProcessor2_0``), channels_last convolutions and, optionally, torch.compile.

@@ -3,7 +3,7 @@
 For each batch of real rows it samples the opponent's synthetic latents x0' with DDIM and
 classifier-free guidance (no VAE decode), and, in ``precomputed`` reference mode, the
 opponent's per-sample denoising errors on the real and synthetic latents at the (t, eps)
-the trainer will use (DESIGN.md section 3). Each output batch is also written to the
+the trainer will use (docs/DESIGN.md section 3.2). Each output batch is also written to the
 iteration's ``opponents/`` directory (:mod:`spin_ray.opponents`), so a restarted iteration
 does not generate it again, and a batch already there (the pipeline running again after a
 training worker group was replaced, or a restarted actor redoing its batches) is read back

@@ -3,7 +3,7 @@
 SPIN-Diffusion (Yuan et al. 2024, arXiv 2402.10210) trains theta against its previous copy
 theta_k. Its approximate objective (eq. 4.9; written with the noise prediction in eq. C.5)
 with the logistic loss l(u) = log(1 + exp(-u)) is, for sample i with timestep t_i and noise
-eps_i (DESIGN.md section 4)::
+eps_i (docs/DESIGN.md section 4)::
 
     m_real = mean_{C,H,W} (eps_theta  (x_t^real, c, t) - eps )^2     policy, real image
     m_syn  = mean_{C,H,W} (eps_theta  (x_t^syn,  c, t) - eps')^2     policy, theta_k's image

@@ -2,7 +2,7 @@
 
 Each batch the opponent generator produces is written as one parquet file, atomically, so a
 rerun, or a pipeline run again after a failure, reuses what was generated instead of
-generating it again (DESIGN.md section 3: seeds depend on the sample, so a cached opponent
+generating it again (docs/DESIGN.md section 3.3: seeds depend on the sample, so a cached opponent
 is exactly what generating it again would give).
 """
 

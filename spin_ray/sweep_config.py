@@ -42,7 +42,7 @@ SAMPLE_KEYS = ("train.steps", "train.batch_size", "train.gradient_accumulation_s
 """Keys that change how many samples an iteration trains on (and so how many opponents it needs)."""
 DEFAULT_RESOURCES = {"cpu": 0.0}
 """A trial only drives its TorchTrainer and Ray Data actors, which ask for their own CPUs and
-GPUs; a trial holding a CPU share can starve them on a small machine (DESIGN.md, Ray facts)."""
+GPUs; a trial holding a CPU share can starve them on a small machine (docs/DESIGN.md section 7)."""
 MAX_CONCURRENT_TRIALS = 64
 """Above this, 1/max_concurrent_trials of a resource loses its meaning at Ray's precision (1e-4)."""
 

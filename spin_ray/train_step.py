@@ -2,7 +2,7 @@
 
 A batch of pairs carries, per sample i: the real latent x0_i, the opponent's synthetic latent
 x0'_i (sampled by theta_k), the prompt embedding c_i and a noise seed. The seed fixes the
-timestep t_i and the noise eps_i (and eps'_i) of the loss (DESIGN.md section 4); both the
+timestep t_i and the noise eps_i (and eps'_i) of the loss (docs/DESIGN.md section 3.3); both the
 generation actor and the trainer derive them from it, so the opponent's errors can be
 computed on the Data side ("precomputed") and shipped as two scalars per sample.
 
