@@ -170,10 +170,10 @@ class SelfPlayConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation after each iteration (and by ``jobs/evaluate.py``)."""
+    """Evaluation of every model once the iterations are done (and by ``jobs/evaluate.py``)."""
 
     enabled: bool = False
-    """Evaluate theta_0, each theta_k (and the SFT baseline) after each iteration."""
+    """Evaluate theta_0, each theta_k (and the SFT baseline) after the last iteration."""
     prompts: str | list[str] = ""
     """Prompt set(s): a text file (one prompt a line), PartiPrompts.tsv, Pick-a-Pic parquet (a
     split file or dir), an HPSv2 benchmark dir, or ``toy`` (the toy world's held-out prompts)."""
