@@ -5,8 +5,11 @@ untouched), counted and logged; ``max_nonfinite_steps`` of them in a row stop tr
 anything is reported, so the last checkpoint keeps the last finite weights. A checkpoint
 restores theta, AdamW and the learning-rate schedule bit for bit, so training resumed from it
 ends exactly where an uninterrupted run ends. Ray Train's own snapshot, cut off by a kill, is
-set aside instead of failing every rerun. ``ray.train.report`` is replaced by a recorder;
-``ray.train.Checkpoint.from_directory`` needs no cluster.
+set aside instead of failing every rerun. What one optimizer step applies is checked through
+the real worker loop: accumulated micro-batches give one large batch's gradient, and the
+learning rate follows the plan's schedule. ``ray.train.report`` is replaced by a recorder, and
+for the whole worker loop the rest of ``ray.train``'s per-worker API by a single-worker
+stand-in; ``ray.train.Checkpoint.from_directory`` needs no cluster.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spin_ray.train_step import make_lr_scheduler, make_optimizer
+from spin_ray.train_step import PairBatch, make_lr_scheduler, make_optimizer, spin_batch_loss
 from spin_ray.trainer import (
     RAY_SNAPSHOT_FILE,
     STATE_FILE,
@@ -35,6 +38,7 @@ from spin_ray.trainer import (
     _save_checkpoint,
     _StepRunner,
     set_aside_unreadable_snapshot,
+    train_loop_per_worker,
 )
 
 CPU = torch.device("cpu")
@@ -282,6 +286,161 @@ def test_nan_run_stops_without_touching_the_last_good_checkpoint(tiny_components
     assert state["step"] == 5 and state["nonfinite_total"] == 2
     assert_same_tensors(weights(restored), after_step_4)
     assert all(torch.isfinite(v).all() for v in weights(restored).values())
+
+
+# ----------------------------------------------------------------------------- what a step applies
+
+
+def pair_rows(components, count: int, *, seed: int = 1) -> dict[str, torch.Tensor]:
+    """``count`` pair rows as the data shard holds them, each with its own noise seed; the
+    opponent's errors are all 1.0 (precomputed reference)."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (count, *components.latent_shape(128))
+    embed_dim = components.text_encoder.config.hidden_size
+    return {
+        "sample_id": torch.arange(count),
+        "noise_seed": 100 + torch.arange(count),
+        "prompt_embeds": torch.randn((count, 77, embed_dim), generator=generator).half(),
+        "latents_real": torch.randn(shape, generator=generator),
+        "latents_syn": torch.randn(shape, generator=generator),
+        "ref_mse_real": torch.ones(count),
+        "ref_mse_syn": torch.ones(count),
+    }
+
+
+@pytest.fixture
+def one_worker(monkeypatch, recorder, tiny_pipeline_dir):
+    """Runs :func:`train_loop_per_worker` as the only worker of a Ray Train run, without Ray:
+    ``ray.train``'s per-worker calls are replaced (rank 0 of 1, the CPU, no checkpoint to
+    resume, a dataset shard that cuts the given rows into batches in order as
+    ``iter_torch_batches(drop_last=True)`` does), ``ray.train.report`` by ``recorder``. Models
+    load from the tiny pipeline (``plan.init_model_path`` is set to it); everything else is the
+    production path: models, optimizer, schedule, step runner, accumulation, reports.
+
+    Returns ``run(plan, rows) -> list of the optimizer steps seen``, each
+    ``{"lr": the lr it ran at, "grads": the gradients it applied}``, taken by a global
+    optimizer pre-step hook (after clipping, before the update).
+    """
+    import ray.train
+    import ray.train.torch
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    class Context:
+        def get_world_rank(self) -> int:
+            return 0
+
+        def get_world_size(self) -> int:
+            return 1
+
+    class Shard:
+        def __init__(self, rows: dict[str, torch.Tensor]):
+            self.rows = rows
+
+        def iter_torch_batches(self, *, batch_size: int, drop_last: bool, device: torch.device):
+            assert drop_last
+            count = len(self.rows["sample_id"])
+            for start in range(0, count - batch_size + 1, batch_size):
+                yield {key: value[start:start + batch_size].to(device) for key, value in self.rows.items()}
+
+    monkeypatch.setattr(ray.train, "get_context", Context)
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: CPU)
+    steps: list[dict] = []
+
+    def record(optimizer, args, kwargs) -> None:
+        steps.append({"lr": optimizer.param_groups[0]["lr"],
+                      "grads": [p.grad.detach().clone() for group in optimizer.param_groups
+                                for p in group["params"] if p.grad is not None]})
+
+    def run(plan: TrainPlan, rows: dict[str, torch.Tensor]) -> list[dict]:
+        steps.clear()
+        recorder.reports.clear()
+        monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: Shard(rows))
+        train_loop_per_worker({"plan": replace(plan, init_model_path=str(tiny_pipeline_dir))})
+        return list(steps)
+
+    handle = register_optimizer_step_pre_hook(record)
+    yield run
+    handle.remove()
+
+
+@pytest.mark.parametrize("loss_type", ["spin", "sft"])
+def test_two_accumulated_micro_batches_give_the_gradient_of_one_batch_twice_as_large(
+        one_worker, tiny_components, loss_type):
+    """Both losses are means over the batch's rows, so for rows 1..2b split into halves A, B:
+
+        grad L(A u B) = grad (1/2b) sum_i l_i = (1/2) grad L(A) + (1/2) grad L(B)
+
+    (each row's l_i depends on its own row only: its seed fixes its t and eps, and the UNet
+    treats the rows of a batch independently). With gradient_accumulation_steps = 2 the step
+    runner backpropagates L(A)/2 and L(B)/2 into the same .grad, so the optimizer step must see
+    the gradient of one batch of 2b. Without the division it would see twice that. The
+    gradients are compared, not the updated weights: AdamW's first update is about
+    lr * g / |g| per weight, the same for g and 2g, and clipping (off here, max_grad_norm=0)
+    would rescale both to the same norm too. beta is small so that the SPIN logits stay near 0,
+    where every row contributes a gradient (at beta 2000 the softplus saturates).
+    """
+    rows = pair_rows(tiny_components, 4)
+    plan = make_plan(loss_type=loss_type, beta=20.0, steps=1, max_grad_norm=0.0, warmup_steps=0,
+                     lr_schedule="constant", checkpoint_every=0)
+    accumulated = one_worker(replace(plan, batch_size=2, gradient_accumulation_steps=2), rows)
+    one_batch = one_worker(replace(plan, batch_size=4, gradient_accumulation_steps=1), rows)
+
+    assert len(accumulated) == len(one_batch) == 1  # one optimizer step each
+    grads_accumulated, grads_one_batch = accumulated[0]["grads"], one_batch[0]["grads"]
+    assert len(grads_accumulated) == len(grads_one_batch) == len(list(tiny_components.unet.parameters()))
+    total_norm = torch.stack([g.norm() for g in grads_one_batch]).norm()
+    assert total_norm > 1e-3  # a real gradient, so a factor 2 cannot hide in zeros
+    for g_acc, g_one in zip(grads_accumulated, grads_one_batch, strict=True):
+        torch.testing.assert_close(g_acc, g_one, rtol=1e-4, atol=1e-6 * total_norm.item())
+
+
+def lr_after(schedule: str, step: int, *, warmup: int, total: int) -> float:
+    """Factor on the base lr after ``step`` optimizer steps: step/warmup during warm-up, then 1
+    (``constant``) or (total - step) / (total - warmup), down to 0 at ``total`` (``linear``)."""
+    if step < warmup:
+        return step / warmup
+    return 1.0 if schedule == "constant" else max(0.0, (total - step) / (total - warmup))
+
+
+@pytest.mark.parametrize(("schedule", "used", "reported"), [
+    ("linear", [0.0, 0.5, 1.0, 0.75, 0.5, 0.25], [0.5, 1.0, 0.75, 0.5, 0.25, 0.0]),
+    ("constant", [0.0, 0.5, 1.0, 1.0, 1.0, 1.0], [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+])
+def test_the_worker_loop_runs_each_step_at_the_plans_scheduled_lr(one_worker, recorder, tiny_components,
+                                                                  schedule, used, reported):
+    """6 steps, 2 of warm-up, base lr 1e-3: optimizer step k runs at lr x lr_after(k - 1) (the
+    first warm-up step at 0, as diffusers' schedules start), and the lr reported after step k
+    is the schedule's value after k steps, lr x lr_after(k): the lr step k + 1 will use."""
+    base_lr, warmup, total = 1e-3, 2, 6
+    plan = make_plan(lr=base_lr, steps=total, warmup_steps=warmup, lr_schedule=schedule, batch_size=1,
+                     checkpoint_every=0, log_every=1)
+    steps = one_worker(plan, pair_rows(tiny_components, total))
+
+    assert used == [lr_after(schedule, k - 1, warmup=warmup, total=total) for k in range(1, total + 1)]
+    assert reported == [lr_after(schedule, k, warmup=warmup, total=total) for k in range(1, total + 1)]
+    assert [step["lr"] for step in steps] == pytest.approx([base_lr * f for f in used], abs=1e-12)
+    assert [metrics["step"] for metrics, _ in recorder.reports] == list(range(1, total + 1))
+    assert [metrics["lr"] for metrics, _ in recorder.reports] == pytest.approx(
+        [base_lr * f for f in reported], abs=1e-12)
+
+
+def test_the_step_runner_applies_the_plans_timestep_weighting(tiny_components):
+    """``train.timestep_weighting: h2`` reaches the loss the runner backpropagates: its loss is
+    :func:`spin_batch_loss`'s with h2 weights, and not the unweighted one (beta small enough
+    that the logits are not saturated, where the weights change the loss)."""
+    columns = pair_rows(tiny_components, 3)
+    plan = make_plan(beta=20.0, timestep_weighting="h2")
+    runner = _StepRunner(plan, tiny_components.unet.train(), None, tiny_components.scheduler, CPU)
+    loss = runner.forward_backward(columns)["loss"]
+    batch = PairBatch.from_columns({**columns, "prompt_embeds": columns["prompt_embeds"].float()})
+    with torch.no_grad():
+        weighted, unweighted = (
+            spin_batch_loss(tiny_components.unet, tiny_components.scheduler, batch, beta=plan.beta,
+                            timestep_weighting=weighting).loss.item()
+            for weighting in ("h2", "none"))
+    assert loss == pytest.approx(weighted, rel=1e-5)
+    assert abs(weighted - unweighted) > 1e-3 * unweighted
 
 
 # ----------------------------------------------------------------------------- checkpoint round trip
