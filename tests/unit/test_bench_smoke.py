@@ -147,3 +147,12 @@ def test_iteration_bench_plain_variant(bench, tmp_path, capsys):
     # the plain loop trained and published a model, and cached its 2 batches of opponents
     assert (tmp_path / "run" / "plain" / "model" / "model_index.json").is_file()
     assert len(list((tmp_path / "run" / "plain" / "opponents").glob("*.parquet"))) == 2
+
+
+def test_toy_schedule_runs_spin_and_sft_without_ray(bench, capsys):
+    """The Ray-free schedule trial at its smallest: base, SFT and one SPIN iteration scored."""
+    results = bench("toy_schedule").main(["--iterations", "1", "--steps", "2", "--batch-size", "4", "--rows", "8",
+                                          "--prompts", "2", "--sampler-steps", "2", "--sft"])
+    assert set(results) == {"base", "sft", "iter_1"}
+    assert all(0.0 <= value <= 1.0 for value in results.values())
+    assert last_json_line(capsys.readouterr().out)["toy_reward"] == results
