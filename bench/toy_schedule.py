@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     from spin_ray.toy.world import validation_prompts
 
     torch.manual_seed(args.seed)
-    pipe = StableDiffusionPipeline.from_pretrained(str(ensure_toy_base_model()), safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(str(ensure_toy_base_model()), safety_checker=None,
+                                                   use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     data = real_rows(pipe, args.rows, args.seed)
     prompts = validation_prompts()[: args.prompts]

@@ -34,7 +34,8 @@ def _generate(pipe: StableDiffusionPipeline, prompts: list[str], seed: int) -> l
 def shipped() -> StableDiffusionPipeline:
     if not (ASSET_DIR / "model_index.json").exists():
         pytest.fail(f"the toy base model is not in {ASSET_DIR}; build it with python -m spin_ray.toy.base_model")
-    return StableDiffusionPipeline.from_pretrained(str(ASSET_DIR), safety_checker=None, local_files_only=True)
+    return StableDiffusionPipeline.from_pretrained(str(ASSET_DIR), safety_checker=None, local_files_only=True,
+                                                   use_safetensors=True)
 
 
 def test_shipped_base_is_sd_shaped(shipped):
@@ -59,7 +60,8 @@ def test_build_runs_and_loads_through_diffusers(tmp_path):
     """A very short build through the real code path: the saved directory is a pipeline."""
     recipe = BuildRecipe(vae_steps=2, denoiser_steps=2, batch_size=4, vae_batch_size=4, pool_size=8)
     out = build_toy_base_model(tmp_path / "base", resolution=16, recipe=recipe)
-    pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None, local_files_only=True,
+                                                   use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     image = pipe(["a red circle on a blue background"], num_inference_steps=2, height=16, width=16,
                  generator=torch.Generator().manual_seed(0)).images[0]
