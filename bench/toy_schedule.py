@@ -25,12 +25,19 @@ import torch
 LATENT_SHAPE = (4, 8, 8)
 
 
-def real_rows(pipe, n_rows: int, seed: int):
-    """(latents (N, 4, 8, 8), prompt embeddings (N, 77, D), empty-prompt embedding (1, 77, D))."""
+def real_rows(pipe, n_rows: int, seed: int, flaws: float = 0.0):
+    """(latents (N, 4, 8, 8), prompt embeddings (N, 77, D), empty-prompt embedding (1, 77, D)).
+
+    ``flaws`` > 0 gives the real images the base model's prompt-independent flaws (blur,
+    wash-out, noise at that shift) while keeping them correct: a probe of whether SPIN's
+    discriminator settles on those flaws instead of on what the prompt asks for.
+    """
     from spin_ray.diffusion import encode_images, encode_prompt_ids, image_to_tensor, tokenize
-    from spin_ray.toy.world import shifted_rows
+    from spin_ray.toy.world import low_level_flaws, shifted_rows
 
     rows = shifted_rows(n_rows, seed=seed, shift=0.0)
+    if flaws > 0:
+        rows = [(prompt, low_level_flaws(image, seed=i, shift=flaws)) for i, (prompt, image) in enumerate(rows)]
     with torch.no_grad():
         latents = encode_images(pipe.vae, torch.stack([image_to_tensor(image, 32) for _, image in rows]))
         embeds = encode_prompt_ids(pipe.text_encoder, tokenize(pipe.tokenizer, [p for p, _ in rows]))
@@ -95,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rows", type=int, default=1024, help="real rows")
     parser.add_argument("--prompts", type=int, default=64, help="held-out evaluation prompts")
     parser.add_argument("--sft", action="store_true", help="also train SFT for iterations x steps")
+    parser.add_argument("--real-flaws", type=float, default=0.0,
+                        help="give the real images the base's blur, wash-out and noise at this shift (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -107,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     pipe = StableDiffusionPipeline.from_pretrained(str(ensure_toy_base_model()), safety_checker=None,
                                                    use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
-    data = real_rows(pipe, args.rows, args.seed)
+    data = real_rows(pipe, args.rows, args.seed, args.real_flaws)
     prompts = validation_prompts()[: args.prompts]
     rng = np.random.default_rng(args.seed)
     base = pipe.unet

@@ -316,7 +316,13 @@ def render_shifted(prompt: ToyPrompt | str, *, resolution: int = 32, seed: int =
     image = render(toy, resolution=resolution, seed=seed)
     if shift == 0.0:
         return image
-    image = image.filter(ImageFilter.GaussianBlur(radius=shift * resolution / 24))
+    return low_level_flaws(image, seed=seed, shift=shift)
+
+
+def low_level_flaws(image: Image.Image, *, seed: int, shift: float) -> Image.Image:
+    """The prompt-independent part of :func:`render_shifted`: blur (radius ``shift * side / 24``),
+    colours washed out towards grey by ``0.35 * shift``, Gaussian pixel noise of std ``25 * shift``."""
+    image = image.filter(ImageFilter.GaussianBlur(radius=shift * image.size[0] / 24))
     pixels = np.asarray(image, dtype=np.float32)
     pixels = pixels + 0.35 * shift * (pixels.mean(axis=-1, keepdims=True) - pixels)
     noise = np.random.default_rng([seed, 1]).normal(0.0, 25.0 * shift, size=pixels.shape)

@@ -152,7 +152,8 @@ def test_iteration_bench_plain_variant(bench, tmp_path, capsys):
 def test_toy_schedule_runs_spin_and_sft_without_ray(bench, capsys):
     """The Ray-free schedule trial at its smallest: base, SFT and one SPIN iteration scored."""
     results = bench("toy_schedule").main(["--iterations", "1", "--steps", "2", "--batch-size", "4", "--rows", "8",
-                                          "--prompts", "2", "--sampler-steps", "2", "--sft"])
+                                          "--prompts", "2", "--sampler-steps", "2", "--sft",
+                                          "--real-flaws", "0.6"])
     assert set(results) == {"base", "sft", "iter_1"}
     assert all(0.0 <= value <= 1.0 for value in results.values())
     assert last_json_line(capsys.readouterr().out)["toy_reward"] == results

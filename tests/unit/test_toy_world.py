@@ -234,3 +234,23 @@ def test_scores_are_deterministic_and_batch_invariant(sample):
     assert SCORER.score([], []).shape == (0,)
     with pytest.raises(ValueError, match="3 images but 2 prompts"):
         SCORER.score(images[:3], texts[:2])
+
+
+def test_low_level_flaws_are_render_shifted_without_the_wrong_prompt():
+    """render_shifted = low_level_flaws(render(prompt or a perturbed one)); the flaws alone keep
+    the size, are deterministic in the seed, and blur and wash out the clean rendering."""
+    from spin_ray.toy.world import low_level_flaws
+
+    prompt = "a red circle on a blue background"
+    clean = render(prompt, resolution=32, seed=3)
+    flawed = low_level_flaws(clean, seed=3, shift=0.6)
+    assert flawed.size == clean.size
+    assert np.array_equal(np.asarray(flawed), np.asarray(low_level_flaws(clean, seed=3, shift=0.6)))
+    assert np.abs(np.asarray(flawed, dtype=float) - np.asarray(clean, dtype=float)).mean() > 5
+    for seed in range(40):  # some seeds keep the prompt: then the two must agree exactly
+        shifted = render_shifted(prompt, resolution=32, seed=seed, shift=0.6)
+        same = low_level_flaws(render(prompt, resolution=32, seed=seed), seed=seed, shift=0.6)
+        if np.array_equal(np.asarray(shifted), np.asarray(same)):
+            break
+    else:
+        raise AssertionError("render_shifted never equals low_level_flaws(render(prompt)) over 40 seeds")
