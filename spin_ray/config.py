@@ -73,6 +73,12 @@ class DataConfig:
     """Actors in the preparation stage, each holding the frozen VAE and text encoder."""
     prepare_gpus_per_actor: float = 0.0
     """GPUs per preparation actor (0 on CPU)."""
+    max_image_bytes: int = 64 << 20
+    """Largest encoded image in bytes (a parquet cell or a folder's file); larger is a bad row,
+    a folder file is not read (docs/SECURITY.md)."""
+    max_row_group_bytes: int = 1 << 30
+    """Largest uncompressed size of one parquet row group's read columns, as the footer declares
+    and as decoded (a decompression bomb cap); larger: its rows are ``unreadable_file``."""
 
 
 @dataclass(frozen=True)
@@ -179,6 +185,9 @@ class EvalConfig:
     split file or dir), an HPSv2 benchmark dir, or ``toy`` (the toy world's held-out prompts)."""
     max_prompts: int | None = None
     """Evaluate at most this many prompts per prompt set."""
+    max_prompt_file_bytes: int = 64 << 20
+    """Largest prompt file read, in bytes (for parquet: its caption column uncompressed);
+    checked before reading (docs/SECURITY.md)."""
     models: dict[str, str] = field(default_factory=dict)
     """``jobs/evaluate.py``: models to compare, name -> diffusers dir or hub id."""
     baseline: str = "base"
@@ -357,6 +366,7 @@ def _validate(cfg: Config) -> Config:
         "train.num_workers", "train.log_every", "data.prepare_batch_size",
         "data.prepare_num_actors", "eval.num_images_per_prompt", "eval.batch_size",
         "eval.num_inference_steps", "train.max_nonfinite_steps", "eval.num_actors",
+        "data.max_image_bytes", "data.max_row_group_bytes", "eval.max_prompt_file_bytes",
     ]
     for key in positive:
         if get_by_path(cfg, key) < 1:

@@ -16,9 +16,12 @@ Output rows: ``prompt`` (string), ``image`` (binary, the encoded image bytes unc
 order (or over the metadata records), so reruns give the same ids.
 
 Bad rows (reason key in ``ReadStats.bad_rows``): ``bad_image`` (missing, corrupt or
-truncated bytes: every kept image is decoded with PIL), ``empty_prompt``, ``bad_label``
+truncated bytes: every kept image is decoded with PIL; or over ``data.max_image_bytes`` or
+the pixel cap: docs/SECURITY.md), ``empty_prompt``, ``bad_label``
 (Pick-a-Pic labels outside {0, 0.5, 1} or not summing to 1), ``unreadable_file`` (a parquet
-file or row group, or an image file, that cannot be read; an unreadable parquet footer
+file or row group, or an image file, that cannot be read; a row group over
+``data.max_row_group_bytes``; a folder file outside the folder, not a regular file or over
+``data.max_image_bytes``; an unreadable parquet footer
 counts as one row since its row count is unknown) and ``bad_metadata`` (a folder metadata
 record that is not a JSON object or lacks a file name). ``on_bad_row: fail`` raises
 :class:`DataError` naming the file, row and field; ``skip`` drops and counts them, and the
@@ -64,6 +67,15 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from spin_ray.config import DataConfig
+from spin_ray.input_limits import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    MAX_METADATA_BYTES,
+    InputLimitError,
+    decode_image,
+    folder_member,
+    read_parquet_capped,
+    read_regular_file,
+)
 from spin_ray.safe_parquet import UnsafeParquetError, check_schema
 
 if TYPE_CHECKING:
@@ -168,14 +180,19 @@ def select_kept(tagged: pa.Table, max_row_id: int | None = None) -> pa.Table:
 # ----------------------------------------------------------------------------- row checks
 
 
-def image_problem(data: bytes | None) -> str | None:
-    """Why ``data`` is not a decodable image, or None when PIL decodes it fully."""
+def image_problem(data: bytes | None, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> str | None:
+    """Why ``data`` is not a decodable image, or None when PIL decodes it fully.
+
+    Over ``max_bytes`` (``data.max_image_bytes``) or over ``MAX_IMAGE_PIXELS`` (checked from the
+    header, before decoding: see :mod:`spin_ray.input_limits`) is a problem too.
+    """
     if not data:
         return "no image bytes"
+    if len(data) > max_bytes:
+        return f"image is {len(data)} bytes, more than data.max_image_bytes={max_bytes}"
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # decodes every pixel: catches truncated files that open() accepts
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        decode_image(data).close()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         return f"image bytes do not decode ({type(err).__name__}: {err})"
     return None
 
@@ -201,12 +218,13 @@ class _Tagger:
     """Builds a tagged table row by row; applies the bad-row policy."""
 
     def __init__(self, path: str, file_row_offset: int, first_row_id: int, on_bad_row: OnBadRow,
-                 row_word: str = "row"):
+                 row_word: str = "row", max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
         self.path = path
         self.file_row_offset = file_row_offset
         self.first_row_id = first_row_id
         self.on_bad_row = on_bad_row
         self.row_word = row_word
+        self.max_image_bytes = max_image_bytes
         self.columns: dict[str, list] = {name: [] for name in TAGGED_SCHEMA.names}
 
     def keep(self, index: int, prompt: str, image: bytes) -> None:
@@ -236,7 +254,8 @@ class _Tagger:
 
 
 def clean_pickapic_table(table: pa.Table, *, path: str, file_row_offset: int = 0, first_row_id: int = 0,
-                         prompt_column: str = "caption", on_bad_row: OnBadRow = "fail") -> pa.Table:
+                         prompt_column: str = "caption", on_bad_row: OnBadRow = "fail",
+                         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> pa.Table:
     """Pick-a-Pic v2 rows -> tagged table (winner image, caption, row_id, status).
 
     Args:
@@ -246,7 +265,7 @@ def clean_pickapic_table(table: pa.Table, *, path: str, file_row_offset: int = 0
         first_row_id: ``row_id`` of the table's first row.
     """
     check_columns(table.schema, "pickapic", prompt_column, "", path)
-    tagger = _Tagger(path, file_row_offset, first_row_id, on_bad_row)
+    tagger = _Tagger(path, file_row_offset, first_row_id, on_bad_row, max_image_bytes=max_image_bytes)
     columns = {name: table.column(name).to_pylist() for name in (prompt_column, "label_0", "label_1")}
     images = (table.column("jpg_0"), table.column("jpg_1"))
     for i in range(table.num_rows):
@@ -266,10 +285,10 @@ def clean_pickapic_table(table: pa.Table, *, path: str, file_row_offset: int = 0
 
 def clean_image_text_table(table: pa.Table, *, path: str, file_row_offset: int = 0, first_row_id: int = 0,
                            prompt_column: str = "caption", image_column: str = "image",
-                           on_bad_row: OnBadRow = "fail") -> pa.Table:
+                           on_bad_row: OnBadRow = "fail", max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> pa.Table:
     """Generic (caption, image) rows -> tagged table; images are bytes or ``{"bytes": ...}`` structs."""
     check_columns(table.schema, "parquet", prompt_column, image_column, path)
-    tagger = _Tagger(path, file_row_offset, first_row_id, on_bad_row)
+    tagger = _Tagger(path, file_row_offset, first_row_id, on_bad_row, max_image_bytes=max_image_bytes)
     prompts = table.column(prompt_column).to_pylist()
     images = table.column(image_column)
     for i in range(table.num_rows):
@@ -281,15 +300,18 @@ def clean_image_text_table(table: pa.Table, *, path: str, file_row_offset: int =
 
 def clean_folder_records(records: Sequence[dict[str, Any]], *, metadata_path: str, root: str,
                          file_row_offset: int = 0, first_row_id: int = 0, prompt_column: str = "caption",
-                         on_bad_row: OnBadRow = "fail",
-                         read_bytes: Callable[[str], bytes] | None = None) -> pa.Table:
+                         on_bad_row: OnBadRow = "fail", read_bytes: Callable[[str], bytes] | None = None,
+                         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> pa.Table:
     """Folder metadata records -> tagged table, reading each image file below ``root``.
 
     Each record is ``{"file_name": str | None, "prompt": Any, "error": str | None}`` as made
-    by :func:`read_folder_metadata`; ``read_bytes(uri)`` defaults to :func:`read_file_bytes`.
+    by :func:`read_folder_metadata`; ``read_bytes(uri)`` defaults to :func:`read_file_bytes`
+    capped at ``max_image_bytes``. A file name that leads outside ``root`` (``..``, a symlink)
+    or to anything but a regular file is an ``unreadable_file`` row, never read.
     """
-    read_bytes = read_bytes or read_file_bytes
-    tagger = _Tagger(metadata_path, file_row_offset, first_row_id, on_bad_row, row_word="record")
+    read_bytes = read_bytes or (lambda uri: read_file_bytes(uri, max_image_bytes, "data.max_image_bytes"))
+    tagger = _Tagger(metadata_path, file_row_offset, first_row_id, on_bad_row, row_word="record",
+                     max_image_bytes=max_image_bytes)
     for i, record in enumerate(records):
         if record["error"] is not None:
             tagger.bad(i, "bad_metadata", FOLDER_FILE_FIELD, record["error"])
@@ -298,11 +320,11 @@ def clean_folder_records(records: Sequence[dict[str, Any]], *, metadata_path: st
         if prompt_issue is not None:
             tagger.bad(i, "empty_prompt", prompt_column, prompt_issue)
             continue
-        image_uri = _join(root, record["file_name"])
         try:
+            image_uri = folder_member(root, record["file_name"], FOLDER_FILE_FIELD)
             data = read_bytes(image_uri)
-        except OSError as err:
-            tagger.bad(i, "unreadable_file", FOLDER_FILE_FIELD, f"cannot read {image_uri} ({err})")
+        except (OSError, InputLimitError) as err:
+            tagger.bad(i, "unreadable_file", FOLDER_FILE_FIELD, f"cannot read {record['file_name']!r} ({err})")
             continue
         _check_and_keep(tagger, i, record["prompt"], prompt_column, data, FOLDER_FILE_FIELD)
     return tagger.table()
@@ -314,7 +336,7 @@ def _check_and_keep(tagger: _Tagger, index: int, prompt: Any, prompt_field: str,
     if prompt_issue is not None:
         tagger.bad(index, "empty_prompt", prompt_field, prompt_issue)
         return
-    image_issue = image_problem(image)
+    image_issue = image_problem(image, tagger.max_image_bytes)
     if image_issue is not None:
         tagger.bad(index, "bad_image", image_field, image_issue)
         return
@@ -394,11 +416,11 @@ def _uri_prefix(uri: str) -> str:
     return uri.split("://", 1)[0] + "://" if "://" in uri and not uri.startswith("file://") else ""
 
 
-def read_file_bytes(uri: str) -> bytes:
-    """The whole content of a local or remote file (``OSError`` if unreadable)."""
+def read_file_bytes(uri: str, max_bytes: int = MAX_METADATA_BYTES, limit_key: str = "MAX_METADATA_BYTES") -> bytes:
+    """The whole content of a local or remote regular file of at most ``max_bytes`` (``OSError``
+    if unreadable; :class:`~spin_ray.input_limits.InputLimitError` if not a regular file or too big)."""
     filesystem, path = _split_uri(uri)
-    with filesystem.open_input_stream(path) as stream:
-        return stream.read()
+    return read_regular_file(filesystem, path, max_bytes, limit_key)
 
 
 def list_parquet_files(path: str) -> list[str]:
@@ -532,7 +554,7 @@ def read_folder_metadata(root: str, prompt_column: str, image_column: str) -> tu
     metadata_path = _uri_prefix(root) + _join(inner, present[0])
     try:
         text = read_file_bytes(metadata_path).decode("utf-8")
-    except (OSError, UnicodeDecodeError) as err:
+    except (OSError, UnicodeDecodeError, InputLimitError) as err:
         raise DataError(f"{metadata_path}: cannot read the metadata ({err})") from err
     rows = _jsonl_rows(text) if present[0].endswith(".jsonl") else _csv_rows(text, metadata_path)
     parsed = [row for row in rows if isinstance(row, dict)]
@@ -589,18 +611,20 @@ def read_unit(unit: ReadUnit, cfg: DataConfig) -> pa.Table:
         root = unit.path.rsplit("/", 1)[0]
         return clean_folder_records(unit.records, metadata_path=unit.path, root=root,
                                     file_row_offset=unit.file_row_offset, first_row_id=unit.first_row_id,
-                                    prompt_column=cfg.prompt_column, on_bad_row=cfg.on_bad_row)
+                                    prompt_column=cfg.prompt_column, on_bad_row=cfg.on_bad_row,
+                                    max_image_bytes=cfg.max_image_bytes)
     try:
         table = _read_row_group(unit, cfg)
-    except (OSError, pa.ArrowException) as err:
+    except (OSError, pa.ArrowException, InputLimitError) as err:  # over the cap: its rows are unreadable
         return _unreadable_group(unit, cfg, err)
     if cfg.format == "pickapic":
         return clean_pickapic_table(table, path=unit.path, file_row_offset=unit.file_row_offset,
                                     first_row_id=unit.first_row_id, prompt_column=cfg.prompt_column,
-                                    on_bad_row=cfg.on_bad_row)
+                                    on_bad_row=cfg.on_bad_row, max_image_bytes=cfg.max_image_bytes)
     return clean_image_text_table(table, path=unit.path, file_row_offset=unit.file_row_offset,
                                   first_row_id=unit.first_row_id, prompt_column=cfg.prompt_column,
-                                  image_column=cfg.image_column, on_bad_row=cfg.on_bad_row)
+                                  image_column=cfg.image_column, on_bad_row=cfg.on_bad_row,
+                                  max_image_bytes=cfg.max_image_bytes)
 
 
 def _read_row_group(unit: ReadUnit, cfg: DataConfig) -> pa.Table:
@@ -608,7 +632,9 @@ def _read_row_group(unit: ReadUnit, cfg: DataConfig) -> pa.Table:
                else [cfg.prompt_column, cfg.image_column])
     filesystem, path = _split_uri(unit.path)
     with filesystem.open_input_file(path) as handle:
-        return pq.ParquetFile(handle).read_row_group(unit.row_group, columns=columns)
+        return read_parquet_capped(pq.ParquetFile(handle), columns, cfg.max_row_group_bytes,
+                                   where=f"{unit.path}: row group {unit.row_group}",
+                                   limit_key="data.max_row_group_bytes", row_groups=[unit.row_group])
 
 
 def _unreadable_group(unit: ReadUnit, cfg: DataConfig, err: Exception) -> pa.Table:

@@ -441,7 +441,7 @@ def _evaluate(cfg: Config, rundir: RunDir, models: dict[str, str]) -> dict[str, 
     nested = len(paths) > 1
     results = {}
     for name, path in zip(prompt_set_names(paths), paths, strict=True):
-        prompts = load_prompts(path, cfg.eval.max_prompts)
+        prompts = load_prompts(path, cfg.eval.max_prompts, cfg.eval.max_prompt_file_bytes)
         eval_rel = f"{EVAL_DIR}/{name}" if nested else EVAL_DIR
         tables = {model: model_scores(cfg, rundir, f"{eval_rel}/{model}", location, prompts)
                   for model, location in models.items()}

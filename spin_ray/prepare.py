@@ -10,12 +10,10 @@ the bytes; cast back to float32 by the consumers), ``latents_real`` (C, h, w) fl
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
 from spin_ray.diffusion import (
     encode_images,
@@ -25,6 +23,7 @@ from spin_ray.diffusion import (
     pick_device,
     tokenize,
 )
+from spin_ray.input_limits import decode_image
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,8 @@ class Encoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = [str(p) for p in batch["prompt"]]
         pixels = torch.stack([
-            image_to_tensor(Image.open(io.BytesIO(bytes(raw))), self.spec.resolution) for raw in batch["image"]
+            # decode_image: the same pixel cap as the reader's check, in case rows come from elsewhere
+            image_to_tensor(decode_image(bytes(raw)), self.spec.resolution) for raw in batch["image"]
         ]).to(self.device)
         with torch.inference_mode():
             latents = encode_images(self.components.vae, pixels)

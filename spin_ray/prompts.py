@@ -9,52 +9,68 @@
   ``photo.json``: the HPSv2 benchmark, each file a JSON list of prompts; the four styles
   are concatenated in that order. A single ``.json`` list file is read the same way.
 - a ``.txt`` file: one prompt per line, blank lines skipped.
+
+Prompt files are downloads, so untrusted (docs/SECURITY.md): each file must be a regular file
+of at most ``max_file_bytes`` (``eval.max_prompt_file_bytes``; for parquet, the caption
+column's uncompressed bytes), checked before it is read, not after.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spin_ray.safe_parquet import UnsafeParquetError, read_table_checked
+from spin_ray.input_limits import (
+    DEFAULT_MAX_PROMPT_FILE_BYTES,
+    InputLimitError,
+    open_regular_file,
+    read_local_file,
+    read_parquet_capped,
+)
+from spin_ray.safe_parquet import UnsafeParquetError, check_schema
 from spin_ray.toy.world import validation_prompts
 
 PICKAPIC_CAPTION = "caption"
 PARTIPROMPTS_COLUMN = "Prompt"
 HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
+LIMIT_KEY = "eval.max_prompt_file_bytes"
 
 
 class PromptSetError(ValueError):
     """A prompt set cannot be read; the message names the file and what was expected."""
 
 
-def load_prompts(path: str | Path, max_prompts: int | None = None) -> list[str]:
-    """The prompts of the set at ``path`` (see the module docstring), at most ``max_prompts``."""
+def load_prompts(path: str | Path, max_prompts: int | None = None,
+                 max_file_bytes: int = DEFAULT_MAX_PROMPT_FILE_BYTES) -> list[str]:
+    """The prompts of the set at ``path`` (see the module docstring), at most ``max_prompts``;
+    a file over ``max_file_bytes`` is refused unread."""
     if max_prompts is not None and max_prompts < 1:
         raise PromptSetError(f"max_prompts: must be >= 1 or None, got {max_prompts}")
-    prompts = validation_prompts() if str(path) == "toy" else _load_path(Path(path))
+    prompts = validation_prompts() if str(path) == "toy" else _load_path(Path(path), max_file_bytes)
     if not prompts:
         raise PromptSetError(f"{path}: the prompt set is empty")
     return prompts[:max_prompts] if max_prompts is not None else prompts
 
 
-def _load_path(path: Path) -> list[str]:
+def _load_path(path: Path, max_bytes: int) -> list[str]:
     if path.is_dir():
         if any((path / f"{style}.json").exists() for style in HPS_STYLES):
-            return _hps_directory(path)
+            return _hps_directory(path, max_bytes)
         files = sorted(path.rglob("*.parquet"))
         if files:
-            return _dedupe([p for file in files for p in _parquet_captions(file)])
+            return _dedupe([p for file in files for p in _parquet_captions(file, max_bytes)])
         raise PromptSetError(
             f"{path}: directory holds neither the HPSv2 style files ({', '.join(HPS_STYLES)}.json) "
             "nor .parquet files"
         )
     if not path.exists():
         raise PromptSetError(f"{path}: no such file or directory (eval.prompts)")
-    readers = {".parquet": lambda p: _dedupe(_parquet_captions(p)), ".tsv": _parti_prompts,
+    readers = {".parquet": lambda p, cap: _dedupe(_parquet_captions(p, cap)), ".tsv": _parti_prompts,
                ".json": _json_list, ".txt": _text_lines}
     reader = readers.get(path.suffix.lower())
     if reader is None:
@@ -62,48 +78,60 @@ def _load_path(path: Path) -> list[str]:
             f"{path}: unknown prompt set; expected 'toy', a .parquet, .tsv, .json or .txt file, "
             "or an HPSv2 benchmark directory"
         )
-    return reader(path)
+    return reader(path, max_bytes)
 
 
 def _dedupe(prompts: list[str]) -> list[str]:
     return list(dict.fromkeys(prompts))
 
 
-def _parquet_captions(path: Path) -> list[str]:
+def _parquet_captions(path: Path, max_bytes: int) -> list[str]:
+    """The caption column; schema (finding 1) and size (finding 5) are checked before reading."""
     try:
-        names = pq.read_schema(path).names
-        if PICKAPIC_CAPTION not in names:
-            raise PromptSetError(f"{path}: no {PICKAPIC_CAPTION!r} column; columns are {', '.join(names)}")
-        expected = "plain arrow types (strings for prompts)"
-        table = read_table_checked(path, [PICKAPIC_CAPTION], expected=expected)
+        with open_regular_file(path) as handle, pq.ParquetFile(handle) as parquet:
+            names = parquet.schema_arrow.names
+            if PICKAPIC_CAPTION not in names:
+                raise PromptSetError(f"{path}: no {PICKAPIC_CAPTION!r} column; columns are {', '.join(names)}")
+            check_schema(parquet.schema_arrow, str(path), [PICKAPIC_CAPTION],
+                         "plain arrow types (strings for prompts)")
+            table = read_parquet_capped(parquet, [PICKAPIC_CAPTION], max_bytes, where=str(path), limit_key=LIMIT_KEY)
         column = table.column(PICKAPIC_CAPTION)
-    except UnsafeParquetError as err:  # a downloaded file must not run code: refused before any value is read
+    except (UnsafeParquetError, InputLimitError) as err:  # refused before any value is converted
         raise PromptSetError(str(err)) from None
-    except OSError as err:
+    except (OSError, pa.ArrowException) as err:
         raise PromptSetError(f"{path}: cannot read parquet ({err})") from err
     return _clean([value for value in column.to_pylist() if isinstance(value, str)])
 
 
-def _parti_prompts(path: Path) -> list[str]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, delimiter="\t")
-        if reader.fieldnames is None or PARTIPROMPTS_COLUMN not in reader.fieldnames:
-            raise PromptSetError(
-                f"{path}: no {PARTIPROMPTS_COLUMN!r} column in the TSV header {reader.fieldnames}"
-            )
-        return _clean([row[PARTIPROMPTS_COLUMN] or "" for row in reader])
+def _read_text(path: Path, max_bytes: int) -> str:
+    """The UTF-8 text of the regular file ``path``, refused unread above ``max_bytes``."""
+    try:
+        return read_local_file(path, max_bytes, LIMIT_KEY).decode("utf-8")
+    except InputLimitError as err:
+        raise PromptSetError(str(err)) from None
+    except UnicodeDecodeError as err:
+        raise PromptSetError(f"{path}: not UTF-8 text ({err})") from None
 
 
-def _hps_directory(path: Path) -> list[str]:
+def _parti_prompts(path: Path, max_bytes: int) -> list[str]:
+    reader = csv.DictReader(io.StringIO(_read_text(path, max_bytes), newline=""), delimiter="\t")
+    if reader.fieldnames is None or PARTIPROMPTS_COLUMN not in reader.fieldnames:
+        raise PromptSetError(
+            f"{path}: no {PARTIPROMPTS_COLUMN!r} column in the TSV header {reader.fieldnames}"
+        )
+    return _clean([row[PARTIPROMPTS_COLUMN] or "" for row in reader])
+
+
+def _hps_directory(path: Path, max_bytes: int) -> list[str]:
     missing = [f"{style}.json" for style in HPS_STYLES if not (path / f"{style}.json").exists()]
     if missing:
         raise PromptSetError(f"{path}: HPSv2 benchmark directory lacks {', '.join(missing)}")
-    return [prompt for style in HPS_STYLES for prompt in _json_list(path / f"{style}.json")]
+    return [prompt for style in HPS_STYLES for prompt in _json_list(path / f"{style}.json", max_bytes)]
 
 
-def _json_list(path: Path) -> list[str]:
+def _json_list(path: Path, max_bytes: int) -> list[str]:
     try:
-        values = json.loads(path.read_text(encoding="utf-8"))
+        values = json.loads(_read_text(path, max_bytes))
     except json.JSONDecodeError as err:
         raise PromptSetError(f"{path}: invalid JSON ({err})") from err
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
@@ -111,8 +139,8 @@ def _json_list(path: Path) -> list[str]:
     return _clean(values)
 
 
-def _text_lines(path: Path) -> list[str]:
-    return _clean(path.read_text(encoding="utf-8").splitlines())
+def _text_lines(path: Path, max_bytes: int) -> list[str]:
+    return _clean(_read_text(path, max_bytes).splitlines())
 
 
 def _clean(prompts: list[str]) -> list[str]:

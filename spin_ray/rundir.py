@@ -50,6 +50,8 @@ import fsspec
 import pyarrow.fs
 from fsspec.implementations.local import LocalFileSystem
 
+from spin_ray.input_limits import InputLimitError, contained_local_path
+
 logger = logging.getLogger(__name__)
 
 CONFIG = "config.yaml"
@@ -111,6 +113,15 @@ def _local_atomic_file(path: str) -> Iterator[IO[bytes]]:
             os.unlink(tmp)
         raise
     _fsync_dir(parent)
+
+
+def _download_target(destination: Path, remote_root: str, remote_path: str) -> Path:
+    """Where ``remote_path`` (found under ``remote_root``) goes inside ``destination``; refused
+    if the key is not under the root or resolves outside ``destination`` (issue 23, finding 3)."""
+    if not remote_path.startswith(remote_root.rstrip("/") + "/"):
+        raise InputLimitError(f"object key {remote_path!r}: not under {remote_root!r}; refusing to download it")
+    key = remote_path[len(remote_root):].lstrip("/")
+    return contained_local_path(destination, key, what=f"{remote_path}: object key")
 
 
 # ----------------------------------------------------------------------------- the run directory
@@ -316,7 +327,9 @@ class RunDir:
         """A local directory holding ``rel`` (e.g. a model for ``from_pretrained``).
 
         Local run dir: ``rel`` itself, no copy. Object store: every file under ``rel`` is
-        downloaded into ``local_dir``, which is returned.
+        downloaded into ``local_dir``, which is returned. An object key that would land
+        outside ``local_dir`` (``../`` in a key: an object store takes any string) is refused
+        with :class:`~spin_ray.input_limits.InputLimitError` before anything is downloaded.
         """
         if not self.exists(rel):
             raise FileNotFoundError(f"{self.path(rel)}: no such directory")
@@ -325,7 +338,7 @@ class RunDir:
         remote_root = self.fs_path(rel)
         remote = [p for p in self.fs.find(remote_root) if not p.endswith("/")]
         destination = Path(local_dir)
-        local = [str(destination / p[len(remote_root):].lstrip("/")) for p in remote]
+        local = [str(_download_target(destination, remote_root, p)) for p in remote]
         for path in local:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.fs.get(remote, local)

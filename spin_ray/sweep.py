@@ -258,7 +258,8 @@ def score_model(cfg: Config, rundir: RunDir, eval_rel: str, model_rel: str, metr
 
     scorers = list(cfg.eval.scorers) if metric == AVERAGE_METRIC else [metric]
     scoring_cfg = with_overrides(cfg, {"eval.scorers": scorers})
-    prompts = load_prompts(eval_run.prompt_set_paths(cfg.eval.prompts)[0], cfg.eval.max_prompts)
+    prompts = load_prompts(eval_run.prompt_set_paths(cfg.eval.prompts)[0], cfg.eval.max_prompts,
+                           cfg.eval.max_prompt_file_bytes)
     table = eval_run.model_scores(scoring_cfg, rundir, eval_rel, rundir.path(model_rel), prompts)
     scores = eval_report.gather_scores(table.to_pydict(), scorers, len(prompts), cfg.eval.num_images_per_prompt)
     result = evaluation.evaluate_models({"model": scores}, normalise=cfg.eval.normalise_average)["model"]

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from spin_ray import rundir as rundir_module
+from spin_ray.input_limits import InputLimitError
 from spin_ray.rundir import DONE, RunDir
 
 BUCKET = "spin-ray-test"
@@ -333,6 +334,25 @@ def test_staging_left_by_a_killed_publish_is_not_done_and_is_cleaned(tmp_path: P
     assert not staging.exists()
     run.publish_dir(make_model_dir(tmp_path / "built"), "iter_1/model")
     assert run.is_done("iter_1/model")
+
+
+@pytest.mark.parametrize("key", ["../../ESCAPED.txt", "sub/../../../ESCAPED.txt"])
+def test_a_hostile_object_key_cannot_write_outside_the_download(tmp_path: Path, key: str):
+    """Issue 23, finding 3: an object store takes any key; ``..`` in one must not escape."""
+    run = RunDir(f"memory://run-{uuid.uuid4().hex[:8]}")
+    try:
+        run.publish_dir(make_model_dir(tmp_path / "built"), "iter_1/model")
+        run.fs.pipe_file(f"{run.fs_path('iter_1/model')}/{key}", b"planted")
+        destination = tmp_path / "a" / "b" / "dest"  # the key's target would be tmp_path/a/ESCAPED.txt
+        with pytest.raises(InputLimitError, match=r"object key '.*ESCAPED\.txt' resolves to .*, outside .*dest"):
+            run.download_dir("iter_1/model", destination)
+        cache = tmp_path / "a" / "b" / "cache"
+        with pytest.raises(InputLimitError, match="outside"):
+            run.local_copy("iter_1/model", cache_dir=cache)
+        assert [p.name for p in tmp_path.rglob("ESCAPED.txt")] == []
+        assert not cache.exists() or list(cache.iterdir()) == []  # nothing staged is left
+    finally:
+        run.fs.rm(run.root, recursive=True)
 
 
 # ----------------------------------------------------------------------------- parquet through pyarrow
