@@ -4,8 +4,9 @@
   stream (real, synthetic) pairs into the Ray Train TorchTrainer (stage time; the prepared
   real table is built once beforehand and shared by all variants);
 - ``plain``: one process, no Ray: the same generation (``OpponentGenerator`` on numpy batches,
-  opponents written to parquet), the same training (``spin_batch_loss``, AdamW, warm-up/decay,
-  clipping) and the same model save, written out here with the same core functions;
+  opponents written to parquet), the same training loop (:func:`spin_ray.train_loop.run_steps`
+  with the streaming run's plan: ``spin_batch_loss``, AdamW, warm-up/decay, accumulation,
+  clipping, non-finite steps) and the same model save;
 - ``two_phase``: :func:`spin_ray.self_play.generate_opponents` for every sample first, then
   :func:`spin_ray.self_play.run_stage` training on the cached opponents.
 
@@ -40,18 +41,12 @@ from bench.common import (
     set_threads,
     tiny_pipeline_dir,
 )
-from spin_ray.config import Config, per_iteration, with_overrides
-from spin_ray.diffusion import load_components, load_unet, save_pipeline
+from spin_ray.config import Config, with_overrides
+from spin_ray.diffusion import load_components, save_pipeline
 from spin_ray.generation import PAIR_COLUMNS, GeneratorSpec, OpponentGenerator
 from spin_ray.pairs import REPEAT_SHIFT
 from spin_ray.rundir import RunDir
-from spin_ray.train_step import (
-    PairBatch,
-    gradients_finite,
-    make_lr_scheduler,
-    make_optimizer,
-    spin_batch_loss,
-)
+from spin_ray.train_loop import Optimization, StepRunner, TrainState, load_models, run_steps
 
 VARIANTS = ("plain", "streaming", "two_phase")
 RESOLUTION = 128  # the tiny pipeline: 16x16 latents, images 8x larger
@@ -189,39 +184,31 @@ VARIANT_RUNNERS = {"plain": run_plain, "streaming": run_streaming, "two_phase": 
 
 
 def plain_iteration(cfg: Config, rundir: RunDir, prepared_path: str, model_dir: str, out_rel: str = "plain") -> None:
-    """The iteration as one plain PyTorch loop: generate a batch of opponents, train on it, repeat."""
-    from diffusers import DDIMScheduler
+    """The iteration in one process: generate a batch of opponents, train on it, repeat, with
+    the trainer's own loop (:func:`spin_ray.train_loop.run_steps`) and the streaming run's plan."""
+    from spin_ray.self_play import _train_plan
 
-    g, t = cfg.generation, cfg.train
-    steps = int(per_iteration(t.steps, ITERATION))
+    cpu, g = torch.device("cpu"), cfg.generation
+    plan = _train_plan(cfg, model_dir, ITERATION, "spin")
     generator = OpponentGenerator(GeneratorSpec(
         model_path=model_dir, iteration=ITERATION, run_seed=cfg.seed, num_inference_steps=g.num_inference_steps,
-        guidance_scale=g.guidance_scale, eta=g.eta, precompute_reference=cfg.loss.reference == "precomputed",
-        shared_noise=cfg.loss.shared_noise, opponents_dir=rundir.path(out_rel, "opponents"), device="cpu",
-        mixed_precision=t.mixed_precision,
+        guidance_scale=g.guidance_scale, eta=g.eta,
+        precompute_reference=not plan.online_reference, shared_noise=plan.shared_noise,
+        opponents_dir=rundir.path(out_rel, "opponents"), device="cpu", mixed_precision=plan.mixed_precision,
     ))
-    unet = load_unet(model_dir, local_files_only=True).train()
-    scheduler = DDIMScheduler.from_pretrained(model_dir, subfolder="scheduler")
-    optimizer = make_optimizer(unet.parameters(), lr=float(per_iteration(t.lr, ITERATION)),
-                               weight_decay=t.weight_decay)
-    lr_scheduler = make_lr_scheduler(optimizer, schedule=t.lr_schedule, warmup_steps=t.warmup_steps,
-                                     total_steps=steps)
-    beta = float(per_iteration(cfg.loss.beta, ITERATION))
-    for rows in sample_batches(prepared_path, steps * t.batch_size, t.batch_size):
-        pairs = generator(rows)
-        columns = {name: torch.as_tensor(np.asarray(pairs[name])) for name in PAIR_COLUMNS}
-        columns["prompt_embeds"] = columns["prompt_embeds"].float()
-        out = spin_batch_loss(unet, scheduler, PairBatch.from_columns(columns), beta=beta,
-                              shared_noise=cfg.loss.shared_noise, timestep_weighting=cfg.loss.timestep_weighting)
-        out.loss.backward()
-        params = [p for p in unet.parameters() if p.requires_grad]
-        if gradients_finite(params):
-            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-            optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    unet, ref_unet, scheduler = load_models(plan, cpu)
+    optim = Optimization.for_plan(unet, plan)
+    n_samples = plan.steps * plan.gradient_accumulation_steps * plan.batch_size
+    pairs = (pair_columns(generator(rows)) for rows in sample_batches(prepared_path, n_samples, plan.batch_size))
+    run_steps(plan, TrainState(), pairs, StepRunner(plan, unet, ref_unet, scheduler, cpu), optim,
+              report=lambda metrics, checkpoint: None)  # run_steps prints the metrics; no checkpoints here
     save_pipeline(load_components(model_dir, local_files_only=True), rundir.local_path(f"{out_rel}/model"),
                   unet=unet)
+
+
+def pair_columns(pairs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """A generated batch as the trainer's data shard yields it: the pair columns as tensors."""
+    return {name: torch.as_tensor(np.asarray(pairs[name])) for name in PAIR_COLUMNS}
 
 
 def sample_batches(prepared_path: str, n_samples: int, batch_size: int):

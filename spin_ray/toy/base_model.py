@@ -17,7 +17,12 @@ encoder and tokenizer, DDIM) and is built in two phases:
    are usually published), which draws cleaner shapes than the last step's weights.
 
 Both phases draw their images from a fixed pool rendered once (rendering and VAE-encoding
-every step would cost more than the UNet). The package ships the result
+every step would cost more than the UNet). They share the trainer's optimizer step
+(:func:`spin_ray.train_loop.optimizer_step`: clipping, the schedule, a non-finite step
+skipped) but not its loop: :func:`~spin_ray.train_loop.run_steps` trains theta's UNet on
+streamed pair batches with reports and checkpoints to resume from, while these loops train
+a VAE, or a UNet with its text encoder, on their own losses over an in-memory pool, update
+an EMA after every step, and rebuild in minutes rather than resume. The package ships the result
 (``assets/base_model``, built by ``python -m spin_ray.toy.base_model``); other resolutions
 are built on first use and cached.
 """
@@ -34,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from spin_ray.train_loop import Optimization, optimizer_step
 
 ASSET_DIR = Path(__file__).parent / "assets" / "base_model"
 ASSET_RESOLUTION = 32
@@ -137,17 +144,15 @@ def _train_vae(vae, *, resolution: int, recipe: BuildRecipe) -> None:
     generator = torch.Generator().manual_seed(recipe.seed)
     vae.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
-    schedule = _cosine_schedule(optimizer, recipe.vae_steps)
+    optim = Optimization(vae, optimizer, _cosine_schedule(optimizer, recipe.vae_steps))
     for step in range(recipe.vae_steps):
         pixels = pool[torch.randint(len(pool), (recipe.vae_batch_size,), generator=generator)]
         posterior = vae.encode(pixels).latent_dist
         recon = vae.decode(posterior.sample(generator)).sample
         error = recon - pixels
         loss = error.abs().mean() + error.square().mean() + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad()
         loss.backward()
-        optimizer.step()
-        schedule.step()
+        optimizer_step(optim, max_grad_norm=0.0)  # no clipping
         if step % 100 == 0:
             print(f"toy base: VAE step {step} reconstruction loss {loss.item():.4f}", flush=True)
     vae.eval().requires_grad_(False)
@@ -173,7 +178,7 @@ def _train_denoiser(pipe, *, resolution: int, recipe: BuildRecipe) -> None:
         {"params": pipe.unet.parameters(), "weight_decay": 1e-2},
         {"params": pipe.text_encoder.parameters(), "weight_decay": 0.0},  # most token rows never train
     ], lr=recipe.denoiser_lr)
-    schedule = _cosine_schedule(optimizer, recipe.denoiser_steps)
+    optim = Optimization(models, optimizer, _cosine_schedule(optimizer, recipe.denoiser_steps))
     generator = torch.Generator().manual_seed(recipe.seed + 1)
     drop = random.Random(recipe.seed)
     scheduler = pipe.scheduler
@@ -186,11 +191,8 @@ def _train_denoiser(pipe, *, resolution: int, recipe: BuildRecipe) -> None:
         embeds = pipe.text_encoder(ids).last_hidden_state
         pred = pipe.unet(scheduler.add_noise(x0, noise, timesteps), timesteps, embeds).sample
         loss = (_min_snr_weight(scheduler, timesteps) * (pred - noise).square().mean(dim=(1, 2, 3))).mean()
-        optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        optimizer_step(optim, max_grad_norm=1.0)
         ema.update_parameters(models)
         if step % 100 == 0:
             print(f"toy base: denoiser step {step} loss {loss.item():.4f}", flush=True)

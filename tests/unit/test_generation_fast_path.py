@@ -13,7 +13,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from spin_ray.config import ConfigError, load_config
 from spin_ray.diffusion import load_components, sample_latents
 from spin_ray.generation import SAMPLING_STREAM, GeneratorSpec, OpponentGenerator, derive_seed
-from spin_ray.trainer import TrainPlan, _load_models
+from spin_ray.train_loop import TrainPlan, load_models
 
 CPU = torch.device("cpu")
 
@@ -91,7 +91,7 @@ def train_plan(model_path, **changes) -> TrainPlan:
 
 
 def test_trainer_loads_theta_and_theta_k_through_the_fast_path(tiny_pipeline_dir):
-    unet, ref_unet, scheduler = _load_models(train_plan(tiny_pipeline_dir), CPU)
+    unet, ref_unet, scheduler = load_models(train_plan(tiny_pipeline_dir), CPU)
     assert unet.training and unet.is_gradient_checkpointing
     assert next(unet.parameters()).dtype == torch.float32 and all(p.requires_grad for p in unet.parameters())
     assert all(isinstance(p, AttnProcessor2_0) for p in unet.attn_processors.values())
@@ -103,13 +103,13 @@ def test_trainer_loads_theta_and_theta_k_through_the_fast_path(tiny_pipeline_dir
 
 
 def test_trainer_without_online_reference_holds_one_unet(tiny_pipeline_dir):
-    _, ref_unet, _ = _load_models(train_plan(tiny_pipeline_dir, online_reference=False), CPU)
+    _, ref_unet, _ = load_models(train_plan(tiny_pipeline_dir, online_reference=False), CPU)
     assert ref_unet is None
 
 
 def test_trainer_compiles_when_the_plan_asks(tiny_pipeline_dir):
     plan = dataclasses.replace(train_plan(tiny_pipeline_dir), compile=True)
-    unet, ref_unet, _ = _load_models(plan, CPU)
+    unet, ref_unet, _ = load_models(plan, CPU)
     assert getattr(unet, "_compiled_call_impl", None) is not None
     assert getattr(ref_unet, "_compiled_call_impl", None) is not None
 

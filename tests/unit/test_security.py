@@ -15,7 +15,14 @@ reports any loading path other than the safe ones:
   class reads only config and vocabulary files (tokenizers, processors, schedulers, configs),
   or the call is on :data:`ALLOWED` with its reason; open_clip builds models with
   ``pretrained=None`` (published reward weights go through ``torch.load(weights_only=True)``);
-- ``save_pretrained`` passes ``safe_serialization=True``; ``torch.save`` only on :data:`ALLOWED`.
+- ``save_pretrained`` passes ``safe_serialization=True``; ``torch.save`` only on :data:`ALLOWED`;
+- no ``os.system`` / ``os.popen`` / ``subprocess.getoutput`` (they run a shell command line).
+
+Names are resolved through the module's imports before the rules apply, so an alias does
+not hide a call: ``import yaml as y; y.load(...)``, ``from yaml import unsafe_load``,
+``from ray.tune import Tuner as T; T.restore(...)``, ``import torch.serialization as ts;
+ts.load(...)``, ``from builtins import eval as e`` and ``import ray; ray.cloudpickle.loads(...)``
+are all caught. docs/SECURITY.md lists these rules.
 
 The checker is tested on planted violations, so a rule that stopped matching would show.
 """
@@ -35,6 +42,8 @@ SCANNED_DIRS = ("spin_ray", "jobs", "bench")
 
 UNSAFE_MODULES = {"pickle", "_pickle", "cPickle", "dill", "joblib", "cloudpickle", "shelve", "marshal"}
 UNSAFE_YAML = {"load", "load_all", "full_load", "full_load_all", "unsafe_load", "unsafe_load_all"}
+UNSAFE_YAML_LOADERS = {"Loader", "UnsafeLoader", "FullLoader", "CLoader", "CUnsafeLoader", "CFullLoader"}
+SHELL_CALLS = {"os.system", "os.popen", "subprocess.getoutput", "subprocess.getstatusoutput"}
 CONFIG_ONLY_CLASS = re.compile(r"(Tokenizer(Fast)?|Processor|FeatureExtractor|Scheduler|Config)$")
 """Classes whose ``from_pretrained`` reads JSON and vocabulary files only, never tensors."""
 
@@ -58,11 +67,11 @@ ALLOWED = (
             "published CLIP ViT-L/14 folder; same transformers 5 rule as PickScore"),
     Allowed("spin_ray/tiny.py", "build_clip_tokenizer", "tokenizer.save_pretrained",
             "a tokenizer writes vocabulary and JSON files only, no tensors"),
-    Allowed("spin_ray/trainer.py", "_save_checkpoint", "torch.save",
+    Allowed("spin_ray/train_loop.py", "save_checkpoint", "torch.save",
             "AdamW and LR-schedule state (not model weights), read back with torch.load(weights_only=True)"),
     Allowed("spin_ray/sweep.py", "_run_tuner", "tune.Tuner.restore",
-            "resumes the sweep's own experiment in its run_dir; "
-            "the unpickled state is tracked in issue 23 item 2"),
+            "resumes the sweep's own Tune experiment only with --resume (sweep_resume.may_restore), "
+            "which trusts the run directory (docs/SECURITY.md)"),
 )
 
 
@@ -110,12 +119,18 @@ class Checker(ast.NodeVisitor):
     def __init__(self, path: str):
         self.path = path
         self.function = "<module>"
-        self.torch_aliases = {"torch"}
-        self.torch_load_names: set[str] = set()
+        self.imported: dict[str, str] = {}
+        """Local name -> the dotted name it was imported as (``y`` -> ``yaml``, ``T`` -> ``ray.tune.Tuner``)."""
         self.findings: list[Finding] = []
 
     def flag(self, node: ast.AST, call: str, problem: str) -> None:
         self.findings.append(Finding(self.path, node.lineno, self.function, call, problem))
+
+    def resolve(self, name: str) -> str:
+        """``name`` with its first part replaced by what the module imported under it."""
+        head, _, rest = name.partition(".")
+        origin = self.imported.get(head)
+        return name if origin is None else f"{origin}.{rest}" if rest else origin
 
     def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
         outer, self.function = self.function, node.name
@@ -128,8 +143,9 @@ class Checker(ast.NodeVisitor):
         for alias in node.names:
             if UNSAFE_MODULES & set(alias.name.split(".")):  # ray.cloudpickle as well as pickle
                 self.flag(node, f"import {alias.name}", "unsafe deserialisation module")
-            if alias.name == "torch" and alias.asname:
-                self.torch_aliases.add(alias.asname)
+            # ``import a.b`` binds ``a``; ``import a.b as c`` binds ``c`` to ``a.b``
+            local = alias.asname or alias.name.split(".")[0]
+            self.imported[local] = alias.name if alias.asname else local
         self.generic_visit(node)
 
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
@@ -137,18 +153,32 @@ class Checker(ast.NodeVisitor):
         # ``from ray import cloudpickle`` as well as ``from pickle import loads``
         if UNSAFE_MODULES & {*module.split("."), *(alias.name for alias in node.names)}:
             self.flag(node, f"from {module} import ...", "unsafe deserialisation module")
-        if module in ("torch", "torch.serialization"):
-            self.torch_load_names |= {alias.asname or alias.name for alias in node.names if alias.name == "load"}
+        if module == "yaml" and any(a.name in UNSAFE_YAML | UNSAFE_YAML_LOADERS for a in node.names):
+            self.flag(node, f"from {module} import ...", "yaml loaders other than safe_load build arbitrary objects")
+        if not node.level:  # relative imports name this project's modules
+            for alias in node.names:
+                self.imported[alias.asname or alias.name] = f"{module}.{alias.name}"
+        self.generic_visit(node)
+
+    def visit_Attribute(self, node: ast.Attribute) -> None:
+        # ``import ray`` then ``ray.cloudpickle.loads``: no import statement names the module
+        name = dotted_name(node)
+        if name.split(".")[0] in self.imported and UNSAFE_MODULES & set(self.resolve(name).split(".")):
+            self.flag(node, name, "unsafe deserialisation module")
+            return  # the inner attributes name the same module
         self.generic_visit(node)
 
     def visit_Call(self, node: ast.Call) -> None:
         name = dotted_name(node.func)
-        parts = name.split(".")
-        receiver = parts[-2] if len(parts) > 1 else ""
-        is_torch = parts[0] in self.torch_aliases
         self.check_keywords(node, name)
-        torch_load = is_torch and parts[1:] in (["load"], ["serialization", "load"])
-        if torch_load or name in self.torch_load_names:
+        self.check_call(node, name, self.resolve(name).split("."))
+        self.generic_visit(node)
+
+    def check_call(self, node: ast.Call, name: str, parts: list[str]) -> None:
+        """The rules on one call; ``parts`` is its resolved dotted name, ``name`` as written."""
+        receiver = parts[-2] if len(parts) > 1 else ""
+        is_torch = parts[0] == "torch"
+        if is_torch and parts[1:] in (["load"], ["serialization", "load"]):
             if not passes_true(node, "weights_only"):
                 self.flag(node, name, "torch.load without weights_only=True")
         elif is_torch and parts[1:] == ["jit", "load"]:
@@ -161,8 +191,10 @@ class Checker(ast.NodeVisitor):
             self.flag(node, name, "read_pickle unpickles data")
         elif parts[-1] == "restore" and (receiver == "Tuner" or receiver.endswith("Trainer")):
             self.flag(node, name, "restore unpickles the experiment state found in storage")
-        elif name in ("eval", "exec", "builtins.eval", "builtins.exec"):  # not model.eval()
+        elif parts in (["eval"], ["exec"], ["builtins", "eval"], ["builtins", "exec"]):  # not model.eval()
             self.flag(node, name, "eval/exec run strings as code")
+        elif ".".join(parts) in SHELL_CALLS:
+            self.flag(node, name, "runs a shell command line: use subprocess with a list and shell=False")
         elif parts[0] == "yaml" and parts[1:] and parts[-1] in UNSAFE_YAML:
             self.flag(node, name, "yaml loaders other than safe_load build arbitrary objects")
         elif parts[0] == "open_clip" and parts[-1].startswith("create_model"):
@@ -177,7 +209,6 @@ class Checker(ast.NodeVisitor):
             self.flag(node, name, "download without use_safetensors=True")
         elif parts[-1] == "save_pretrained" and not passes_true(node, "safe_serialization"):
             self.flag(node, name, "save_pretrained without safe_serialization=True")
-        self.generic_visit(node)
 
     def check_keywords(self, node: ast.Call, name: str) -> None:
         for keyword, safe in [("weights_only", True), ("trust_remote_code", False), ("allow_pickle", False),
@@ -316,6 +347,55 @@ def test_checker_passes_the_safe_forms(tmp_path, statement):
 
 def test_allow_list_matches_file_function_and_call(tmp_path):
     path = planted_module(tmp_path, "torch.save(model.state_dict(), path)")
-    (finding,) = scan_file(path, "spin_ray/trainer.py")
-    assert not is_allowed(finding), "torch.save outside _save_checkpoint must not be allowed"
-    assert is_allowed(Finding("spin_ray/trainer.py", 1, "_save_checkpoint", "torch.save", ""))
+    (finding,) = scan_file(path, "spin_ray/train_loop.py")
+    assert not is_allowed(finding), "torch.save outside save_checkpoint must not be allowed"
+    assert is_allowed(Finding("spin_ray/train_loop.py", 1, "save_checkpoint", "torch.save", ""))
+
+
+ALIASED = {
+    "import yaml as y\ny.load(text)": "yaml loaders other than safe_load",
+    "import yaml\nyaml.load(text, Loader=yaml.UnsafeLoader)": "yaml loaders other than safe_load",
+    "from yaml import load\nload(text)": "yaml loaders other than safe_load",
+    "from yaml import unsafe_load as parse\nparse(text)": "yaml loaders other than safe_load",
+    "from yaml import UnsafeLoader": "yaml loaders other than safe_load",
+    "import ray\nray.cloudpickle.loads(blob)": "unsafe deserialisation module",
+    "import ray.cloudpickle as cp": "unsafe deserialisation module",
+    "import marshal as m\nm.loads(blob)": "unsafe deserialisation module",
+    "from marshal import loads as parse\nparse(blob)": "unsafe deserialisation module",
+    "from ray.tune import Tuner as T\nT.restore(path, trainable)": "restore unpickles the experiment state",
+    "from ray import tune as t\nt.Tuner.restore(path, trainable)": "restore unpickles the experiment state",
+    "import torch.serialization as ts\nts.load(path)": "torch.load without weights_only=True",
+    "from torch import serialization\nserialization.load(path)": "torch.load without weights_only=True",
+    "from torch.serialization import load as fetch\nfetch(path)": "torch.load without weights_only=True",
+    "from builtins import eval as evaluate\nevaluate(text)": "eval/exec run strings as code",
+    "import builtins\nbuiltins.exec(text)": "eval/exec run strings as code",
+    "import subprocess as sp\nsp.Popen(text, shell=True)": "shell must be False",
+    "import os\nos.system(text)": "runs a shell command line",
+    "from os import popen\npopen(text)": "runs a shell command line",
+}
+"""Hostile snippets that reach an unsafe call through an import alias (issue 23, finding 9)."""
+
+ALIASED_SAFE = [
+    "import yaml as y\ny.safe_load(text)",
+    "import torch as th\nth.load(path, weights_only=True)",
+    "from ray.tune import Tuner\nTuner.can_restore(path)",
+    "import subprocess as sp\nsp.run([text], check=True)",
+    "import ray\nray.get(blob)",
+]
+
+
+def aliased_module(tmp_path: Path, snippet: str) -> Path:
+    path = tmp_path / "aliased.py"
+    path.write_text(snippet + "\n")
+    return path
+
+
+@pytest.mark.parametrize("snippet", sorted(ALIASED))
+def test_checker_sees_through_import_aliases(tmp_path, snippet):
+    findings = scan_file(aliased_module(tmp_path, snippet), "aliased.py")
+    assert any(ALIASED[snippet] in f.problem for f in findings), (snippet, [str(f) for f in findings])
+
+
+@pytest.mark.parametrize("snippet", ALIASED_SAFE)
+def test_checker_passes_safe_calls_through_aliases(tmp_path, snippet):
+    assert scan_file(aliased_module(tmp_path, snippet), "aliased.py") == []

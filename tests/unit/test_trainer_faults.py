@@ -1,15 +1,13 @@
-"""Numerical faults and checkpoints in spin_ray.trainer, without a Ray cluster.
+"""The Ray Train glue of spin_ray.trainer, without a Ray cluster.
 
-A step whose loss or gradient is not finite must be skipped (parameters and optimizer state
-untouched), counted and logged; ``max_nonfinite_steps`` of them in a row stop training before
-anything is reported, so the last checkpoint keeps the last finite weights. A checkpoint
-restores theta, AdamW and the learning-rate schedule bit for bit, so training resumed from it
-ends exactly where an uninterrupted run ends. Ray Train's own snapshot, cut off by a kill, is
-set aside instead of failing every rerun. What one optimizer step applies is checked through
-the real worker loop: accumulated micro-batches give one large batch's gradient, and the
-learning rate follows the plan's schedule. ``ray.train.report`` is replaced by a recorder, and
-for the whole worker loop the rest of ``ray.train``'s per-worker API by a single-worker
-stand-in; ``ray.train.Checkpoint.from_directory`` needs no cluster.
+The loop itself is tested in test_train_loop.py; here, what Ray adds: the report callback
+hands ``ray.train.report`` the metrics on every rank and a checkpoint saved by rank 0 only,
+and a worker resumes from the checkpoint Ray Train gives it. What one optimizer step applies
+is checked through the real worker loop: accumulated micro-batches give one large batch's
+gradient, and the learning rate follows the plan's schedule. Ray Train's own snapshot, cut
+off by a kill, is set aside instead of failing every rerun. ``ray.train.report`` is replaced
+by a recorder, and for the whole worker loop the rest of ``ray.train``'s per-worker API by a
+single-worker stand-in; ``ray.train.Checkpoint.from_directory`` needs no cluster.
 """
 
 from __future__ import annotations
@@ -23,20 +21,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from spin_ray.train_step import PairBatch, make_lr_scheduler, make_optimizer, spin_batch_loss
+from spin_ray.train_loop import (
+    STATE_FILE,
+    CheckpointRequest,
+    Optimization,
+    TrainPlan,
+    TrainState,
+    optimizer_step,
+)
 from spin_ray.trainer import (
     RAY_SNAPSHOT_FILE,
-    STATE_FILE,
-    NonFiniteError,
-    TrainPlan,
-    _as_pair_batch,
-    _count_nonfinite,
-    _on_every_rank,
-    _optimizer_step,
     _restore,
-    _run_steps,
-    _save_checkpoint,
-    _StepRunner,
+    ray_report,
     set_aside_unreadable_snapshot,
     train_loop_per_worker,
 )
@@ -54,19 +50,6 @@ def make_plan(**changes) -> TrainPlan:
     return replace(plan, **changes)
 
 
-def optimizer_and_schedule(model: torch.nn.Module, plan: TrainPlan):
-    optimizer = make_optimizer(model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay)
-    schedule = make_lr_scheduler(optimizer, schedule=plan.lr_schedule, warmup_steps=plan.warmup_steps,
-                                 total_steps=plan.steps)
-    return optimizer, schedule
-
-
-def set_grads(model: torch.nn.Module, value: float) -> None:
-    """Gradients that depend on the current weights (so a wrong restore shows) plus ``value``."""
-    for p in model.parameters():
-        p.grad = 0.1 * p.detach().clone() + value
-
-
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -82,159 +65,20 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tenso
             for name, value in state.items()}
 
 
-# ----------------------------------------------------------------------------- one optimizer step
-
-
-def test_finite_step_clips_to_max_grad_norm_and_applies():
-    model = torch.nn.Linear(2, 1, bias=False)
-    before = model.weight.detach().clone()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    model.weight.grad = torch.tensor([[6.0, 8.0]])  # norm 10, clipped to norm 1
-    assert _optimizer_step(model, optimizer, schedule, max_grad_norm=1.0)
-    torch.testing.assert_close(model.weight.detach(), before - torch.tensor([[0.6, 0.8]]))
-    assert model.weight.grad is None
-
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_nonfinite_gradient_skips_the_update_and_keeps_optimizer_state(bad):
-    torch.manual_seed(0)
-    model = torch.nn.Linear(3, 2)
-    plan = make_plan(steps=10)
-    optimizer, schedule = optimizer_and_schedule(model, plan)
-    set_grads(model, 0.5)
-    assert _optimizer_step(model, optimizer, schedule, plan.max_grad_norm)  # AdamW now has state
-    params, state, lr_step = weights(model), optimizer_tensors(optimizer), schedule.last_epoch
-
-    set_grads(model, 0.5)
-    model.bias.grad[1] = bad
-    assert not _optimizer_step(model, optimizer, schedule, plan.max_grad_norm)
-    assert_same_tensors(weights(model), params)
-    assert_same_tensors(optimizer_tensors(optimizer), state)
-    assert schedule.last_epoch == lr_step + 1  # the schedule keeps time with the step count
-    assert all(p.grad is None for p in model.parameters())
-
-
-def test_nonfinite_loss_skips_the_update_even_with_finite_gradients():
-    model = torch.nn.Linear(3, 2)
-    plan = make_plan()
-    optimizer, schedule = optimizer_and_schedule(model, plan)
-    params = weights(model)
-    set_grads(model, 0.5)
-    assert not _optimizer_step(model, optimizer, schedule, plan.max_grad_norm, loss_finite=False)
-    assert_same_tensors(weights(model), params)
-    assert optimizer_tensors(optimizer) == {}
-
-
-def spin_columns(components, *, ref_mse_syn: float) -> dict[str, torch.Tensor]:
-    """Two pair rows as the trainer's data shard yields them."""
-    generator = torch.Generator().manual_seed(1)
-    shape = (2, *components.latent_shape(128))
-    embed_dim = components.text_encoder.config.hidden_size
-    return {
-        "sample_id": torch.tensor([0, 1]),
-        "noise_seed": torch.tensor([11, 12]),
-        "prompt_embeds": torch.randn((2, 77, embed_dim), generator=generator).half(),
-        "latents_real": torch.randn(shape, generator=generator),
-        "latents_syn": torch.randn(shape, generator=generator),
-        "ref_mse_real": torch.tensor([1.0, 1.0]),
-        "ref_mse_syn": torch.tensor([1.0, ref_mse_syn]),
-    }
-
-
-def test_an_infinite_loss_with_finite_gradients_is_caught(tiny_components):
-    """An opponent error of +inf gives loss = inf, yet every gradient stays finite (softplus is
-    linear there): the step must be skipped because of the loss alone."""
-    unet = tiny_components.unet.train()
-    plan = make_plan()
-    runner = _StepRunner(plan, unet, None, tiny_components.scheduler, CPU)
-    metrics = runner.forward_backward(spin_columns(tiny_components, ref_mse_syn=float("inf")))
-    assert metrics["loss"] == float("inf")
-    assert all(torch.isfinite(p.grad).all() for p in unet.parameters() if p.grad is not None)
-
-    state = {"step": 0, "nonfinite_in_a_row": 0, "nonfinite_total": 0}
-    columns = spin_columns(tiny_components, ref_mse_syn=float("inf"))
-    optimizer, schedule = optimizer_and_schedule(unet, plan)
-    params = weights(unet)
-    with pytest.raises(NonFiniteError):
-        _run_steps(replace(plan, max_nonfinite_steps=1), state, [columns], runner, unet, optimizer, schedule,
-                   rank=0, device=CPU)
-    assert_same_tensors(weights(unet), params)
-    assert state == {"step": 1, "nonfinite_in_a_row": 1, "nonfinite_total": 1, "first_batch_time": state[
-        "first_batch_time"]}
-    assert torch.isinf(_as_pair_batch(columns, plan).ref_mse_syn).any()
-
-
-def _rank_votes(rank: int, init_file: str, out_dir: str) -> None:
-    """One of two gloo ranks: rank 1 saw a non-finite loss in the first vote, nobody in the second."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        votes = [_on_every_rank(rank == 0, CPU), _on_every_rank(True, CPU)]
-        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(votes))
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_every_rank_skips_when_one_rank_has_a_nonfinite_loss(tmp_path):
-    """Losses are per rank; if ranks disagreed on skipping, the DDP replicas would drift apart."""
-    import torch.multiprocessing
-
-    assert _on_every_rank(False, CPU) is False and _on_every_rank(True, CPU) is True  # no process group
-    torch.multiprocessing.spawn(_rank_votes, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    for rank in (0, 1):
-        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [False, True]
-
-
-# ----------------------------------------------------------------------------- counting and stopping
-
-
-def test_nonfinite_steps_are_counted_logged_and_stop_after_max_in_a_row(capsys):
-    state = {"step": 0, "nonfinite_in_a_row": 0, "nonfinite_total": 0}
-    for step, applied in enumerate([True, False, True, False, False], start=1):
-        state["step"] = step
-        _count_nonfinite(state, applied, max_in_a_row=3, rank=0)
-    assert state == {"step": 5, "nonfinite_in_a_row": 2, "nonfinite_total": 3}
-    logged = [json.loads(line)["train_skipped_nonfinite_step"] for line in capsys.readouterr().out.splitlines()]
-    assert [entry["step"] for entry in logged] == [2, 4, 5]
-    assert logged[-1] == {"step": 5, "nonfinite_in_a_row": 2, "nonfinite_total": 3}
-
-    state["step"] = 6
-    with pytest.raises(NonFiniteError, match=r"3 optimizer steps in a row.*step 6.*train.max_nonfinite_steps=3"):
-        _count_nonfinite(state, False, max_in_a_row=3, rank=0)
-    assert json.loads(capsys.readouterr().out)["train_skipped_nonfinite_step"]["nonfinite_in_a_row"] == 3
-    _count_nonfinite({"step": 1, "nonfinite_in_a_row": 0, "nonfinite_total": 0}, False, max_in_a_row=3, rank=1)
-    assert capsys.readouterr().out == ""  # only rank 0 logs
-
-
-class GradientRunner:
-    """Stands in for _StepRunner: each micro-batch is ``{"grad": g}`` and sets the model's
-    gradients to 0.1 * weights + g (g may be NaN); the reported loss is g."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-
-    def forward_backward(self, columns: dict[str, float]) -> dict[str, float]:
-        set_grads(self.model, columns["grad"])
-        return {"loss": columns["grad"]}
-
-
 class ReportRecorder:
     """Replaces ``ray.train.report``: keeps every metrics dict and a copy of every checkpoint."""
 
     def __init__(self, folder: Path):
         self.folder = folder
         self.reports: list[tuple[dict, Path | None]] = []
-        self.saved = 0
+        self.saved_paths: list[Path] = []
 
     def __call__(self, metrics: dict, checkpoint=None) -> None:
         saved = None
         if checkpoint is not None:
-            self.saved += 1
-            saved = self.folder / f"checkpoint_{self.saved}"
+            saved = self.folder / f"checkpoint_{len(self.saved_paths) + 1}"
             shutil.copytree(checkpoint.path, saved)
+            self.saved_paths.append(saved)
         self.reports.append((metrics, saved))
 
 
@@ -247,45 +91,52 @@ def recorder(tmp_path, monkeypatch) -> ReportRecorder:
     return recorder
 
 
-def fresh_state() -> dict:
-    return {"step": 0, "nonfinite_in_a_row": 0, "nonfinite_total": 0, "history": []}
+# ----------------------------------------------------------------------------- the report callback
 
 
-def test_nan_run_stops_without_touching_the_last_good_checkpoint(tiny_components, recorder):
+def test_ray_report_saves_a_checkpoint_on_rank_0_that_restore_reads_back(tiny_components, recorder, capsys):
+    """Rank 0's checkpoint reaches ``ray.train.report``; :func:`_restore` puts theta, AdamW,
+    the schedule and the state back into fresh objects from that Ray checkpoint."""
     import ray.train
 
-    unet = tiny_components.unet
-    plan = make_plan(steps=10, max_nonfinite_steps=2)
-    optimizer, schedule = optimizer_and_schedule(unet, plan)
-    nan = float("nan")
-    batches = [{"grad": g} for g in [0.1, 0.2, nan, 0.3, nan, nan, 0.4, 0.5]]
-    after_step_4 = {}
+    plan = make_plan()
+    optim = Optimization.for_plan(tiny_components.unet, plan)
+    for p in optim.model.parameters():
+        p.grad = torch.full_like(p, 0.01)
+    assert optimizer_step(optim, plan.max_grad_norm)
+    state = TrainState(step=1, first_batch_time=1.5, history=[{"step": 1, "loss": 0.5}])
+    ray_report(0)({"step": 1, "loss": 0.5}, CheckpointRequest(optim, state))
 
-    class Runner(GradientRunner):
-        def forward_backward(self, columns):
-            if len(recorder.reports) == 4:
-                after_step_4.update(weights(self.model))
-            return super().forward_backward(columns)
+    [(metrics, saved)] = recorder.reports
+    assert metrics == {"step": 1, "loss": 0.5} and json.loads((saved / STATE_FILE).read_text())["step"] == 1
+    fresh = Optimization.for_plan(copy_of(tiny_components.unet, zeroed=True), plan)
+    restored = _restore(ray.train.Checkpoint.from_directory(str(saved)), fresh)
+    assert restored == state
+    assert_same_tensors(weights(fresh.model), weights(optim.model))
+    assert_same_tensors(optimizer_tensors(fresh.optimizer), optimizer_tensors(optim.optimizer))
+    assert fresh.lr_scheduler.state_dict() == optim.lr_scheduler.state_dict()
+    assert "resumed training from checkpoint at step 1" in capsys.readouterr().out
+    assert _restore(None, fresh) == TrainState()
 
-    with pytest.raises(NonFiniteError, match="2 optimizer steps in a row"):
-        _run_steps(plan, fresh_state(), batches, Runner(unet), unet, optimizer, schedule, rank=0, device=CPU)
 
-    steps = [metrics["step"] for metrics, _ in recorder.reports]
-    assert steps == [1, 2, 3, 4, 5], "step 6 (the second NaN in a row) must not be reported"
-    assert [metrics["nonfinite_total"] for metrics, _ in recorder.reports] == [0, 0, 1, 1, 2]
-    last_metrics, last_checkpoint = recorder.reports[-1]
-    assert json.loads((last_checkpoint / STATE_FILE).read_text())["step"] == 5
-    assert_same_tensors(weights(unet), after_step_4)  # steps 5 and 6 changed nothing
+def copy_of(model: torch.nn.Module, *, zeroed: bool) -> torch.nn.Module:
+    model = copy.deepcopy(model)
+    if zeroed:
+        for p in model.parameters():
+            p.data.zero_()
+    return model
 
-    restored = copy.deepcopy(unet)
-    for p in restored.parameters():
-        p.data.zero_()
-    restored_optimizer, restored_schedule = optimizer_and_schedule(restored, plan)
-    state = _restore(ray.train.Checkpoint.from_directory(str(last_checkpoint)), restored, restored_optimizer,
-                     restored_schedule)
-    assert state["step"] == 5 and state["nonfinite_total"] == 2
-    assert_same_tensors(weights(restored), after_step_4)
-    assert all(torch.isfinite(v).all() for v in weights(restored).values())
+
+def test_other_ranks_report_without_saving(recorder):
+    """``ray.train.report`` is a barrier: every rank calls it, only rank 0 writes the checkpoint."""
+
+    class Unsaveable:
+        def save(self, path):
+            raise AssertionError("only rank 0 saves")
+
+    ray_report(1)({"step": 3}, Unsaveable())
+    ray_report(0)({"step": 4}, None)
+    assert recorder.reports == [({"step": 3}, None), ({"step": 4}, None)]
 
 
 # ----------------------------------------------------------------------------- what a step applies
@@ -311,13 +162,13 @@ def pair_rows(components, count: int, *, seed: int = 1) -> dict[str, torch.Tenso
 @pytest.fixture
 def one_worker(monkeypatch, recorder, tiny_pipeline_dir):
     """Runs :func:`train_loop_per_worker` as the only worker of a Ray Train run, without Ray:
-    ``ray.train``'s per-worker calls are replaced (rank 0 of 1, the CPU, no checkpoint to
-    resume, a dataset shard that cuts the given rows into batches in order as
-    ``iter_torch_batches(drop_last=True)`` does), ``ray.train.report`` by ``recorder``. Models
+    ``ray.train``'s per-worker calls are replaced (rank 0 of 1, the CPU, the given checkpoint
+    to resume from (default: none), a dataset shard that cuts the given rows into batches in
+    order as ``iter_torch_batches(drop_last=True)`` does), ``ray.train.report`` by ``recorder``. Models
     load from the tiny pipeline (``plan.init_model_path`` is set to it); everything else is the
     production path: models, optimizer, schedule, step runner, accumulation, reports.
 
-    Returns ``run(plan, rows) -> list of the optimizer steps seen``, each
+    Returns ``run(plan, rows, checkpoint=None) -> list of the optimizer steps seen``, each
     ``{"lr": the lr it ran at, "grads": the gradients it applied}``, taken by a global
     optimizer pre-step hook (after clipping, before the update).
     """
@@ -343,7 +194,6 @@ def one_worker(monkeypatch, recorder, tiny_pipeline_dir):
                 yield {key: value[start:start + batch_size].to(device) for key, value in self.rows.items()}
 
     monkeypatch.setattr(ray.train, "get_context", Context)
-    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
     monkeypatch.setattr(ray.train.torch, "get_device", lambda: CPU)
     steps: list[dict] = []
 
@@ -352,9 +202,10 @@ def one_worker(monkeypatch, recorder, tiny_pipeline_dir):
                       "grads": [p.grad.detach().clone() for group in optimizer.param_groups
                                 for p in group["params"] if p.grad is not None]})
 
-    def run(plan: TrainPlan, rows: dict[str, torch.Tensor]) -> list[dict]:
+    def run(plan: TrainPlan, rows: dict[str, torch.Tensor], checkpoint=None) -> list[dict]:
         steps.clear()
         recorder.reports.clear()
+        monkeypatch.setattr(ray.train, "get_checkpoint", lambda: checkpoint)
         monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: Shard(rows))
         train_loop_per_worker({"plan": replace(plan, init_model_path=str(tiny_pipeline_dir))})
         return list(steps)
@@ -425,91 +276,26 @@ def test_the_worker_loop_runs_each_step_at_the_plans_scheduled_lr(one_worker, re
         [base_lr * f for f in reported], abs=1e-12)
 
 
-def test_the_step_runner_applies_the_plans_timestep_weighting(tiny_components):
-    """``train.timestep_weighting: h2`` reaches the loss the runner backpropagates: its loss is
-    :func:`spin_batch_loss`'s with h2 weights, and not the unweighted one (beta small enough
-    that the logits are not saturated, where the weights change the loss)."""
-    columns = pair_rows(tiny_components, 3)
-    plan = make_plan(beta=20.0, timestep_weighting="h2")
-    runner = _StepRunner(plan, tiny_components.unet.train(), None, tiny_components.scheduler, CPU)
-    loss = runner.forward_backward(columns)["loss"]
-    batch = PairBatch.from_columns({**columns, "prompt_embeds": columns["prompt_embeds"].float()})
-    with torch.no_grad():
-        weighted, unweighted = (
-            spin_batch_loss(tiny_components.unet, tiny_components.scheduler, batch, beta=plan.beta,
-                            timestep_weighting=weighting).loss.item()
-            for weighting in ("h2", "none"))
-    assert loss == pytest.approx(weighted, rel=1e-5)
-    assert abs(weighted - unweighted) > 1e-3 * unweighted
-
-
-# ----------------------------------------------------------------------------- checkpoint round trip
-
-
-class Killed(Exception):
-    """The worker died (raised by the batch stream after a given number of micro-batches)."""
-
-
-def killed_after(batches: list[dict], count: int):
-    yield from batches[:count]
-    raise Killed
-
-
-def test_training_resumed_from_a_checkpoint_ends_bit_for_bit_where_an_uninterrupted_run_ends(
-        tiny_pipeline_dir, recorder):
-    """Kill after 3 of 5 micro-batches (checkpoint at step 2, 2 micro-batches each), restore into
-    fresh objects, replay the whole stream: weights, AdamW state and schedule match exactly."""
+def test_a_worker_resumes_from_the_checkpoint_ray_train_gives_it(one_worker, recorder, tiny_components):
+    """A worker restarted with Ray Train's checkpoint of step 1 trains steps 2 and 3 only, on
+    the micro-batches after the ones it trained on, and ends where an uninterrupted run ends."""
     import ray.train
+    from safetensors.torch import load_file
 
-    from spin_ray.diffusion import load_unet
+    rows = pair_rows(tiny_components, 3)
+    plan = make_plan(beta=20.0, steps=3, batch_size=1, checkpoint_every=1, log_every=1)
+    assert len(one_worker(plan, rows)) == 3
+    first, last = recorder.saved_paths[0], recorder.saved_paths[-1]
+    uninterrupted = load_file(last / "unet" / "diffusion_pytorch_model.safetensors")
+    history = [json.loads(line) for line in (last / "metrics.jsonl").read_text().splitlines()]
 
-    plan = make_plan(steps=5, gradient_accumulation_steps=2, checkpoint_every=2, warmup_steps=2,
-                     max_nonfinite_steps=3)
-    batches = [{"grad": 0.01 * i} for i in range(10)]
-    batches[5] = {"grad": float("nan")}  # step 3 is skipped, before and after the restart
-
-    def fresh():
-        unet = load_unet(str(tiny_pipeline_dir), local_files_only=True).train()
-        return (unet, *optimizer_and_schedule(unet, plan))
-
-    unet, optimizer, schedule = fresh()
-    _run_steps(plan, fresh_state(), batches, GradientRunner(unet), unet, optimizer, schedule, rank=0, device=CPU)
-    uninterrupted = weights(unet), optimizer_tensors(optimizer), schedule.state_dict()
-    history = [metrics for metrics, _ in recorder.reports]
-
-    recorder.reports.clear()
-    unet, optimizer, schedule = fresh()
-    with pytest.raises(Killed):
-        _run_steps(plan, fresh_state(), killed_after(batches, 7), GradientRunner(unet), unet, optimizer,
-                   schedule, rank=0, device=CPU)
-    checkpoint = [saved for _, saved in recorder.reports if saved is not None][-1]
-
-    recorder.reports.clear()
-    unet, optimizer, schedule = fresh()
-    state = _restore(ray.train.Checkpoint.from_directory(str(checkpoint)), unet, optimizer, schedule)
-    assert state["step"] == 2 and [m["step"] for m in state["history"]] == [1, 2]
-    _run_steps(plan, state, batches, GradientRunner(unet), unet, optimizer, schedule, rank=0, device=CPU)
-
-    assert_same_tensors(weights(unet), uninterrupted[0])
-    assert_same_tensors(optimizer_tensors(optimizer), uninterrupted[1])
-    assert schedule.state_dict() == uninterrupted[2]
-    assert [m["step"] for m in state["history"]] == [m["step"] for m in history] == [1, 2, 3, 4, 5]
-    assert state["nonfinite_total"] == 1 and history[-1]["nonfinite_total"] == 1
-
-
-def test_checkpoint_files_are_safetensors_and_weights_only(tiny_components, tmp_path):
-    """The UNet is stored as safetensors; the optimizer file loads with ``weights_only=True``."""
-    unet = tiny_components.unet
-    plan = make_plan()
-    optimizer, schedule = optimizer_and_schedule(unet, plan)
-    set_grads(unet, 0.1)
-    _optimizer_step(unet, optimizer, schedule, plan.max_grad_norm)
-    _save_checkpoint(tmp_path, unet, optimizer, schedule, {**fresh_state(), "step": 1})
-    files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-    assert files == ["metrics.jsonl", "optimizer.pt", "trainer_state.json", "unet/config.json",
-                     "unet/diffusion_pytorch_model.safetensors"]
-    saved = torch.load(tmp_path / "optimizer.pt", weights_only=True)
-    assert set(saved) == {"optimizer", "lr_scheduler"}
+    steps = one_worker(plan, rows, checkpoint=ray.train.Checkpoint.from_directory(str(first)))
+    assert len(steps) == 2 and [m["step"] for m, _ in recorder.reports] == [2, 3]
+    resumed = recorder.saved_paths[-1]
+    assert_same_tensors(load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors"), uninterrupted)
+    resumed_history = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in resumed_history] == [m["step"] for m in history] == [1, 2, 3]
+    assert resumed_history[0] == history[0]  # the restored history carries over unchanged
 
 
 # ----------------------------------------------------------------------------- Ray Train's snapshot
