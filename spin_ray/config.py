@@ -399,8 +399,13 @@ def get_by_path(cfg: Any, dotted: str) -> Any:
 
 
 def from_dict(values: dict[str, Any]) -> Config:
-    """Build and validate a :class:`Config` from a nested mapping."""
-    return _validate(_build(Config, values, ""))
+    """Build and validate a :class:`Config` from a nested mapping (security checks included:
+    :mod:`spin_ray.config_security`)."""
+    from spin_ray.config_security import check_config_security  # it imports ConfigError from here
+
+    cfg = _validate(_build(Config, values, ""))
+    check_config_security(to_dict(cfg))
+    return cfg
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -52,6 +52,7 @@ from spin_ray.eval_report import _ITERATION, GRID_PROMPTS, IMAGE_COLUMN, Summary
 from spin_ray.prompts import load_prompts
 from spin_ray.rewards import SCORER_NAMES, load_scorer
 from spin_ray.rundir import RunDir
+from spin_ray.user_cache import user_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +291,7 @@ def _local_model(model: str) -> str:
     from filelock import FileLock
 
     parent, leaf = model.rstrip("/").rsplit("/", 1)
-    lock = Path(tempfile.gettempdir()) / f"spin_ray_model_{hashlib.sha256(model.encode()).hexdigest()[:16]}.lock"
+    lock = user_cache_dir("locks") / f"model_{hashlib.sha256(model.encode()).hexdigest()[:16]}.lock"
     with FileLock(str(lock)):
         return RunDir(parent).local_copy(leaf)
 

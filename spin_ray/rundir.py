@@ -51,6 +51,7 @@ import pyarrow.fs
 from fsspec.implementations.local import LocalFileSystem
 
 from spin_ray.input_limits import InputLimitError, contained_local_path
+from spin_ray.user_cache import user_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -348,7 +349,8 @@ class RunDir:
         """A local directory with the contents of ``rel``, e.g. a model for ``from_pretrained``.
 
         Local run dir: ``rel`` itself. Object store: a download under ``cache_dir`` (default
-        ``<tmp>/spin_ray_rundir_cache``), reused while its DONE equals the remote DONE (a
+        ``rundir_cache`` in this user's private cache folder, :mod:`spin_ray.user_cache`),
+        reused while its DONE equals the remote DONE (a
         published directory's DONE carries a unique ``publish_id``); the download is staged
         and renamed, so a killed download is never reused.
         """
@@ -356,7 +358,7 @@ class RunDir:
             if not self.exists(rel):
                 raise FileNotFoundError(f"{self.path(rel)}: no such directory")
             return str(self.local_path(rel))
-        cache_root = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()) / "spin_ray_rundir_cache"
+        cache_root = Path(cache_dir) if cache_dir is not None else user_cache_dir("rundir_cache")
         target = cache_root / hashlib.sha256(self.path(rel).encode("utf-8")).hexdigest()[:20]
         remote_done = self.read_text(f"{rel}/{DONE}") if self.is_done(rel) else None
         cached_done = target / DONE

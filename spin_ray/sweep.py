@@ -40,10 +40,13 @@ Each trial is a Ray Tune function trainable that builds and fits its own ``Torch
     <run_dir>/sweep/pbt/tune/                  Ray Tune's experiment state (pbt mode)
     <run_dir>/iter_<k>/model, metrics.json, config.yaml, DONE   the published theta_k, as jobs/self_play.py writes it
 
-Rerunning the same sweep resumes it: published iterations are skipped, Ray Tune restores an
-unfinished experiment (``Tuner.restore(..., resume_errored=True)``), finished trials keep
-their results and unfinished ones resume from their Ray Train checkpoints. A failed trial
-does not stop the sweep; it is listed with its error and never wins.
+Rerunning the same sweep with ``--resume`` (``run_sweep(..., resume=True)``) resumes it:
+published iterations are skipped, Ray Tune restores an unfinished experiment
+(``Tuner.restore(..., resume_errored=True)``), finished trials keep their results and
+unfinished ones resume from their Ray Train checkpoints. Restoring unpickles Tune's state from
+the run directory, so it is opt-in (:mod:`spin_ray.sweep_resume`, docs/SECURITY.md); without
+``--resume`` a run directory that holds a sweep is refused. A failed trial does not stop the
+sweep; it is listed with its error and never wins.
 """
 
 from __future__ import annotations
@@ -89,8 +92,8 @@ from spin_ray.sweep_config import (
     load_sweep,
     trial_resources,
 )
+from spin_ray.sweep_resume import SWEEP_DIR, claim_run_dir, may_restore
 
-SWEEP_DIR = "sweep"
 PBT_DIR = f"{SWEEP_DIR}/pbt"
 TUNE_NAME = "tune"
 SCORE_FILE = "score.json"
@@ -289,20 +292,24 @@ class _Shared:
     rundir: RunDir
     base_model: str
     prepared: Prepared
+    resume: bool = False
+    """Restore an unfinished Tune experiment found in the run dir (``--resume``)."""
 
 
-def run_sweep(cfg: Config, sweep: SweepConfig) -> SweepResult:
-    """Run (or resume) the sweep: per-iteration search (``grid``) or population-based self-play (``pbt``)."""
+def run_sweep(cfg: Config, sweep: SweepConfig, *, resume: bool = False) -> SweepResult:
+    """Run the sweep: per-iteration search (``grid``) or population-based self-play (``pbt``).
+    ``resume``: continue the sweep in ``cfg.run_dir`` (trusts it: Tune unpickles its state);
+    without it, a run dir that holds a sweep is a :class:`ConfigError`."""
     from spin_ray.ray_session import ensure_ray
 
     cfg = _absolute_paths(cfg)
     rundir = RunDir(cfg.run_dir)
-    _claim_run_dir(rundir, sweep)
+    claim_run_dir(rundir, sweep.search_signature(), resume=resume)
     rundir.write_text_atomic("config.yaml", dump_config(cfg))
     ensure_ray(cfg.cluster.address)
     base_model = os.path.abspath(resolve_base_model(cfg, rundir))
     shared = _Shared(cfg=cfg, sweep=sweep, rundir=rundir, base_model=base_model,
-                     prepared=ensure_prepared(cfg, rundir, base_model))
+                     prepared=ensure_prepared(cfg, rundir, base_model), resume=resume)
     result = SweepResult(run_dir=cfg.run_dir, models={BASE: base_model})
     if cfg.self_play.sft_baseline:
         result.models["sft"] = run_sft_baseline(cfg, rundir, base_model=base_model, prepared=shared.prepared)
@@ -324,22 +331,25 @@ DEFAULT_SWEEP_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sweep_
 
 
 def run_sweep_job(argv: Sequence[str] | None = None) -> int:
-    """``python jobs/sweep.py [--config FILE] [key=value ...]``; config errors exit with 2."""
+    """``python jobs/sweep.py [--config FILE] [--resume] [key=value ...]``; config errors exit with 2."""
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_SWEEP_CONFIG,
                         help="a config with a sweep: section (default: configs/sweep_beta.yaml)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the sweep already in run_dir; Ray Tune unpickles its saved state, "
+                             "so use it only for a run directory whose writers you trust")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted keys of the config or of the sweep section, e.g. train.lr=1e-5 "
                              "sweep.max_concurrent_trials=2 'sweep.space.loss.beta={grid: [2000, 5000]}'")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         cfg, sweep = load_sweep(args.config, args.overrides)
+        result = run_sweep(cfg, sweep, resume=args.resume)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    result = run_sweep(cfg, sweep)
     for k, winner in sorted(result.winners.items()):
         print(f"iteration {k}: trial {winner.trial_id} won with {sweep.metric} = {_fmt(winner.score)} "
               f"({_fmt_params(winner.params)}) -> {result.models[f'iter_{k}']}", flush=True)
@@ -365,19 +375,6 @@ def _absolute_paths(cfg: Config) -> Config:
     return with_overrides(cfg, changes) if changes else cfg
 
 
-def _claim_run_dir(rundir: RunDir, sweep: SweepConfig) -> None:
-    """Record the search; refuse to resume a run dir that holds a different one."""
-    rel = f"{SWEEP_DIR}/sweep.json"
-    signature = json.loads(json.dumps(sweep.search_signature()))
-    if rundir.exists(rel):
-        stored = rundir.read_json(rel)
-        if stored != signature:
-            raise ConfigError(f"sweep: {rundir.path(rel)} records another search ({json.dumps(stored)}); "
-                              f"resuming needs the same mode, metric, space, num_samples and seed, or a new run_dir")
-        return
-    rundir.write_json_atomic(rel, signature)
-
-
 def _run_tuner(trainable: Any, shared: _Shared, *, storage_rel: str, param_space: dict[str, Any],
                scheduler: Any = None, stop: dict[str, Any] | None = None, **parameters: Any):
     """Fit a new Tune experiment in ``storage_rel/tune``, or restore and finish the one there.
@@ -390,7 +387,7 @@ def _run_tuner(trainable: Any, shared: _Shared, *, storage_rel: str, param_space
                                     trial_resources(sweep, head_node_resource()))
     storage_path = shared.rundir.path(storage_rel)
     experiment = f"{storage_path}/{TUNE_NAME}"
-    if tune.Tuner.can_restore(experiment):
+    if may_restore(experiment, resume=shared.resume):
         print(f"[sweep] resuming the Ray Tune experiment in {experiment}", flush=True)
         tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True)
     else:

@@ -46,7 +46,8 @@ def build_clip_tokenizer(out_dir: str | Path) -> CLIPTokenizer:
     (out_dir / "vocab.json").write_text(json.dumps(token_ids, ensure_ascii=False))
     (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     # transformers 5 ignores vocab_file= and, without model_max_length, pads to a huge length.
-    tokenizer = CLIPTokenizer.from_pretrained(str(out_dir), model_max_length=CLIP_CONTEXT_LENGTH)
+    # Bandit B615 (hub download without a pinned revision) does not apply: out_dir was just written.
+    tokenizer = CLIPTokenizer.from_pretrained(str(out_dir), model_max_length=CLIP_CONTEXT_LENGTH)  # nosec B615
     tokenizer.save_pretrained(str(out_dir))  # records model_max_length for later loads
     return tokenizer
 

@@ -80,7 +80,8 @@ def load_aesthetic(
     """
     clip_dir = require_dir(clip_path, NAME, "a CLIP ViT-L/14 directory (openai/clip-vit-large-patch14)")
     head_file = require_file(head_path, NAME, f"the LAION aesthetic head {HEAD_FILE}")
-    clip, loading_info = CLIPModel.from_pretrained(clip_dir, dtype=torch_dtype(dtype), output_loading_info=True)
+    # Bandit B615 (hub download without a pinned revision) does not apply: clip_dir is local (require_dir).
+    clip, loading_info = CLIPModel.from_pretrained(clip_dir, dtype=torch_dtype(dtype), output_loading_info=True)  # nosec B615
     check_loading_info(loading_info, clip_dir, NAME, "a CLIPModel checkpoint (openai/clip-vit-large-patch14)")
     head = RewardMLP(clip.config.projection_dim)
     load_state_dict_strict(
@@ -92,7 +93,7 @@ def load_aesthetic(
     )
     return AestheticScorer(
         clip.to(device),
-        CLIPImageProcessor.from_pretrained(clip_dir),
+        CLIPImageProcessor.from_pretrained(clip_dir),  # nosec B615
         head.to(device),
         device,
         torch_dtype(dtype),

@@ -103,6 +103,9 @@ def load_hpsv2(
         dtype: ``float32``, ``float16`` or ``bfloat16``.
         batch_size: (image, prompt) pairs per forward pass.
     """
+    if model_name not in open_clip.list_models():  # a hub name (hf-hub:...) would download files
+        raise ValueError(f"{NAME}: model_name {model_name!r} is not in open_clip.list_models(); "
+                         f"hub and path names (hf-hub:..., local-dir:...) are refused (docs/SECURITY.md)")
     path = require_file(weights_path, NAME, f"HPS_v2_compressed.pt or HPS_v2.1_compressed.pt (open_clip {model_name})")
     torch_type = torch_dtype(dtype)
     # open_clip's precision modes keep the layers that need float32 (LayerNorm) in float32.

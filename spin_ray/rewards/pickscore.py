@@ -77,7 +77,9 @@ def load_pickscore(
     processor_dir = require_dir(
         processor_path or model_dir, NAME, "the laion/CLIP-ViT-H-14 processor files (tokenizer, preprocessor_config.json)"
     )
-    model, loading_info = CLIPModel.from_pretrained(model_dir, dtype=torch_dtype(dtype), output_loading_info=True)
+    # Bandit B615 (hub download without a pinned revision) does not apply: both are local
+    # directories (require_dir).
+    model, loading_info = CLIPModel.from_pretrained(model_dir, dtype=torch_dtype(dtype), output_loading_info=True)  # nosec B615
     check_loading_info(loading_info, model_dir, NAME, "a CLIPModel checkpoint (PickScore_v1)")
-    processor = CLIPProcessor.from_pretrained(processor_dir)
+    processor = CLIPProcessor.from_pretrained(processor_dir)  # nosec B615
     return PickScoreScorer(model.to(device), processor, device, torch_dtype(dtype), batch_size)

@@ -128,14 +128,14 @@ def test_grid_over_beta_picks_the_winner_survives_a_failed_trial_and_resumes(ray
     assert same_weights(unet_weights(result.models["iter_2"]), unet_weights(survivor / "model"))
     assert (run / "iter_2" / "DONE").exists()
 
-    # A driver that died before publishing iteration 2: rerunning resumes. Iteration 1 is kept,
+    # A driver that died before publishing iteration 2: rerunning with --resume resumes. Iteration 1 is kept,
     # iteration 2's Tune experiment is restored (the finished trial is not trained again, the
     # failed one is retried and fails again) and the same winner is published.
     publish_id = read_json(run / "iter_1" / "model" / "DONE")["publish_id"]
     survivor_done = (survivor / "DONE").read_text()
     shutil.rmtree(run / "iter_2")
     (iter_2 / "winner.json").unlink()
-    again = run_sweep(cfg, sweep)
+    again = run_sweep(cfg, sweep, resume=True)
     assert read_json(run / "iter_1" / "model" / "DONE")["publish_id"] == publish_id
     assert (survivor / "DONE").read_text() == survivor_done
     assert again.winners[2].trial_id == result.winners[2].trial_id

@@ -1,5 +1,8 @@
-"""Offline checks of the deployment files: cluster.yaml, docker/Dockerfile, deploy/rayjob.yaml
-and the commands in docs/CLUSTER.md.
+"""Offline checks of the deployment files: cluster.yaml, docker/Dockerfile, deploy/*.yaml
+and the commands in docs/CLUSTER.md, including their security properties (issue 23, findings
+2, 6 and 7): no static AWS keys, non-root pods without capabilities, network policies, a
+restricted security group, least-privilege IAM policies, and images pinned by an explicit
+tag or a digest, never ``:latest``.
 
 cluster.yaml goes through the same steps `ray up` takes before it talks to AWS
 (``prepare_config`` then the autoscaler's JSON schema); the RayJob's cluster spec goes through
@@ -10,6 +13,7 @@ installed Ray, which pyproject.toml pins to the version of the image.
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shlex
 import tomllib
@@ -29,12 +33,37 @@ REPO = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = REPO / "cluster.yaml"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 RAYJOB_YAML = REPO / "deploy" / "rayjob.yaml"
+NETWORK_POLICY_YAML = REPO / "deploy" / "networkpolicy.yaml"
+SERVICE_ACCOUNTS_YAML = REPO / "deploy" / "serviceaccounts.yaml"
 CLUSTER_DOC = REPO / "docs" / "CLUSTER.md"
 SD15_CONFIG = REPO / "configs" / "sd15_pickapic.yaml"
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
+
+
+def load_yaml_documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def project_version() -> str:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+
+
+IMAGE_REF = re.compile(r"(?P<name>[a-z0-9][a-z0-9./_-]*)(:(?P<tag>[\w][\w.-]*))?(@sha256:(?P<digest>[0-9a-f]{64}))?")
+
+
+def image_problem(image: str) -> str | None:
+    """Why ``image`` is not pinned (None if it is): a digest, or an explicit tag other than latest."""
+    match = IMAGE_REF.fullmatch(image)
+    if match is None:
+        return f"{image!r} is not an image reference"
+    if match["tag"] == "latest":
+        return f"{image!r} uses the mutable tag latest"
+    if match["tag"] is None and match["digest"] is None:
+        return f"{image!r} has neither a tag nor a digest (means latest)"
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +203,20 @@ def test_workers_reach_s3_through_an_instance_profile(cluster):
         assert node_type["node_config"].get("IamInstanceProfile"), f"{name} has no IamInstanceProfile"
 
 
+def test_every_node_type_names_the_restricted_security_group(cluster):
+    """Without SecurityGroupIds the launcher makes a group with SSH open to 0.0.0.0/0."""
+    groups = {tuple(t["node_config"].get("SecurityGroupIds", [])) for t in cluster["available_node_types"].values()}
+    assert groups == {("sg-0123456789abcdef0",)}, groups
+    prepared = prepare_config(copy.deepcopy(cluster))
+    assert all(t["node_config"]["SecurityGroupIds"] == ["sg-0123456789abcdef0"]
+               for t in prepared["available_node_types"].values())
+    text = re.sub(r"\\\n\s*", " ", CLUSTER_DOC.read_text())
+    ssh_rules = [line for line in text.splitlines() if "authorize-security-group-ingress" in line and "--port 22" in line]
+    assert ssh_rules and all("--cidr $SSH_CIDR" in line for line in ssh_rules), ssh_rules
+    assert "0.0.0.0/0" not in text.split("### A3.")[1].split("### A4.")[0]
+    assert "sg-0123456789abcdef0/$SG" in text  # the placeholder is replaced in A4
+
+
 # ----------------------------------------------------------------------------- Dockerfile
 
 
@@ -190,7 +233,9 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 def test_dockerfile_builds_on_the_ray_gpu_image_of_the_pinned_ray():
     froms = [args for instruction, args in dockerfile_instructions() if instruction == "FROM"]
-    assert froms == [f"rayproject/ray:{pinned_ray_version()}-py311-gpu"]
+    assert len(froms) == 1 and image_problem(froms[0]) is None, froms
+    # A digest may follow the tag (docs/CLUSTER.md "Pin the images").
+    assert froms[0].split("@")[0] == f"rayproject/ray:{pinned_ray_version()}-py311-gpu"
     assert pinned_ray_version() == ray.__version__ == "2.60.0"
 
 
@@ -199,6 +244,9 @@ def test_dockerfile_installs_the_project_without_dev_extras():
     installs = [shlex.split(args) for args in runs if "pip install" in args]
     assert any("." in words[words.index("install") + 1 :] for words in installs), installs
     assert "[dev]" not in DOCKERFILE.read_text()
+    # Everything installed beside the project is pinned to one version (issue 23, finding 6).
+    extras = [w for words in installs for w in words[words.index("install") + 1 :] if w != "." and not w.startswith("-")]
+    assert extras and all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[\w.]+", w) for w in extras), extras
 
 
 def test_dockerfile_copies_existing_paths_including_the_package():
@@ -270,14 +318,79 @@ def test_rayjob_job_server_stays_inside_the_cluster_and_needs_the_token(rayjob):
     assert cluster_spec["authOptions"] == {"mode": "token"}
 
 
-def test_rayjob_reads_s3_credentials_from_a_secret(rayjob):
+def pod_templates(rayjob: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every pod template of the RayJob: head, worker groups and the job submitter."""
     cluster_spec = rayjob["spec"]["rayClusterSpec"]
-    templates = [cluster_spec["headGroupSpec"]["template"]] + [g["template"] for g in cluster_spec["workerGroupSpecs"]]
-    for template in templates:
+    templates = {"head": cluster_spec["headGroupSpec"]["template"]}
+    templates.update({g["groupName"]: g["template"] for g in cluster_spec["workerGroupSpecs"]})
+    templates["submitter"] = rayjob["spec"]["submitterPodTemplate"]
+    return templates
+
+
+AWS_KEY_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
+
+
+def test_rayjob_pods_hold_no_aws_keys_and_reach_s3_through_their_service_accounts(rayjob):
+    accounts = {doc["metadata"]["name"]: doc for doc in load_yaml_documents(SERVICE_ACCOUNTS_YAML)
+                if doc["kind"] == "ServiceAccount"}
+    for name, template in pod_templates(rayjob).items():
         for container in pod_containers(template):
-            assert {"secretRef": {"name": "spin-ray-s3"}} in container.get("envFrom", []), container["name"]
-            literal = {e["name"] for e in container.get("env", []) if "value" in e}
-            assert not literal & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, container["name"]
+            assert not container.get("envFrom"), f"{name}/{container['name']}: envFrom (a Secret of keys?)"
+            assert not {e["name"] for e in container.get("env", [])} & AWS_KEY_VARIABLES, f"{name}/{container['name']}"
+        if name == "submitter":
+            assert template["spec"]["automountServiceAccountToken"] is False
+            continue
+        account = template["spec"].get("serviceAccountName")
+        assert account in accounts, f"{name}: serviceAccountName {account!r} is not in deploy/serviceaccounts.yaml"
+        assert accounts[account]["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+    head_account = pod_templates(rayjob)["head"]["spec"]["serviceAccountName"]
+    # KubeRay binds its autoscaler Role to the head's account; Ray tasks on workers get none of it.
+    assert all(t["spec"]["serviceAccountName"] != head_account
+               for n, t in pod_templates(rayjob).items() if n not in ("head", "submitter"))
+    for path in (RAYJOB_YAML, SERVICE_ACCOUNTS_YAML, NETWORK_POLICY_YAML, CLUSTER_YAML):
+        assert not AWS_KEY_VARIABLES & set(re.findall(r"AWS_[A-Z_]+", path.read_text())), path
+
+
+def test_every_rayjob_pod_runs_non_root_without_privileges(rayjob):
+    for name, template in pod_templates(rayjob).items():
+        pod = template["spec"]["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["runAsUser"] == 1000, name  # the image's user "ray"
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for container in pod_containers(template):
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, f"{name}/{container['name']}"
+            assert context["capabilities"] == {"drop": ["ALL"]}, f"{name}/{container['name']}"
+            assert not context.get("privileged") and context.get("runAsUser", 1000) != 0
+        for init in template["spec"].get("initContainers", []):
+            assert init["securityContext"]["readOnlyRootFilesystem"] is True, f"{name}/{init['name']}"
+    autoscaler = rayjob["spec"]["rayClusterSpec"]["autoscalerOptions"]["securityContext"]
+    assert autoscaler["allowPrivilegeEscalation"] is False and autoscaler["capabilities"] == {"drop": ["ALL"]}
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.get("matchLabels", {}).items())
+
+
+def test_network_policies_cover_every_rayjob_pod_and_admit_only_named_peers(rayjob):
+    policies = [doc for doc in load_yaml_documents(NETWORK_POLICY_YAML) if doc["kind"] == "NetworkPolicy"]
+    assert policies and all(doc["apiVersion"] == "networking.k8s.io/v1" for doc in policies)
+    for name, template in pod_templates(rayjob).items():
+        labels = template["metadata"]["labels"]
+        covering = [p for p in policies if selects(p["spec"]["podSelector"], labels)]
+        assert covering, f"{name}: no NetworkPolicy selects its labels {labels}"
+        for policy in covering:
+            assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}, policy["metadata"]["name"]
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            peers = rule.get("from")
+            assert peers, f"{policy['metadata']['name']}: an ingress rule without 'from' admits everyone"
+            assert all("ipBlock" not in peer and peer.get("podSelector", {}).get("matchLabels") for peer in peers)
+        for rule in policy["spec"].get("egress", []):
+            for peer in rule.get("to", []):
+                block = peer.get("ipBlock")
+                if block and block["cidr"] == "0.0.0.0/0":
+                    assert "169.254.169.254/32" in block.get("except", []), "egress must not reach the EC2 metadata service"
+                    assert {port["port"] for port in rule["ports"]} == {443}, rule
 
 
 def test_rayjob_runs_from_the_images_copy_of_the_repository(rayjob):
@@ -288,11 +401,30 @@ def test_rayjob_runs_from_the_images_copy_of_the_repository(rayjob):
 
 def test_one_image_everywhere(cluster, rayjob):
     image = cluster["docker"]["image"]
-    assert image.endswith("/spin-ray:latest")
-    cluster_spec = rayjob["spec"]["rayClusterSpec"]
-    templates = [cluster_spec["headGroupSpec"]["template"]] + [g["template"] for g in cluster_spec["workerGroupSpecs"]]
+    # The project's version as the tag, optionally with a digest (docs/CLUSTER.md "Pin the images").
+    assert image.split("@")[0].endswith(f"/spin-ray:{project_version()}"), image
+    templates = pod_templates(rayjob).values()
     assert {c["image"] for t in templates for c in t["spec"]["containers"]} == {image}
-    assert f"docker build -f docker/Dockerfile -t {image} ." in DOCKERFILE.read_text()
+    assert f"docker build -f docker/Dockerfile -t {image.split('@')[0]} ." in DOCKERFILE.read_text()
+
+
+def test_no_image_is_latest_or_unpinned(cluster, rayjob):
+    images = [cluster["docker"]["image"]]
+    images += [c["image"] for t in pod_templates(rayjob).values() for c in pod_containers(t)]
+    images += [args for instruction, args in dockerfile_instructions() if instruction == "FROM"]
+    problems = [problem for problem in map(image_problem, images) if problem]
+    assert not problems, problems
+    for path in (CLUSTER_YAML, RAYJOB_YAML, DOCKERFILE, CLUSTER_DOC):
+        assert not re.search(r"[\w./-]+:latest\b", path.read_text()), f"{path.name} names a :latest image"
+
+
+@pytest.mark.parametrize("image, pinned", [
+    ("amazon/aws-cli:latest", False), ("amazon/aws-cli", False), ("amazon/aws-cli:2.34.48", True),
+    ("rayproject/ray:2.60.0-py311-gpu@sha256:" + "a" * 64, True), ("amazon/aws-cli@sha256:" + "0" * 64, True),
+    ("123456789012.dkr.ecr.us-west-2.amazonaws.com/spin-ray:latest", False),
+])
+def test_the_image_check_flags_latest_and_missing_tags(image, pinned):
+    assert (image_problem(image) is None) is pinned
 
 
 # ----------------------------------------------------------------------------- docs/CLUSTER.md
@@ -337,3 +469,41 @@ def test_docs_submit_the_sd15_config_to_the_tunnelled_job_server():
         assert entrypoint[:4] == ["python", "jobs/self_play.py", "--config", "configs/sd15_pickapic.yaml"]
         assert any(word.startswith("run_dir=s3://") for word in entrypoint)
         load_config(REPO / entrypoint[3], [w for w in entrypoint[4:] if "=" in w])
+
+
+def doc_json_heredocs() -> dict[str, Any]:
+    """The JSON files docs/CLUSTER.md writes with ``cat > NAME.json <<EOF`` (shell variables left in)."""
+    text = CLUSTER_DOC.read_text()
+    blocks = re.findall(r"cat > ([\w-]+\.json) <<'?EOF'?\n(.*?)\nEOF\n", text, flags=re.S)
+    return {name: json.loads(body) for name, body in blocks}
+
+
+def statements_allowing(policy: dict[str, Any], action: str) -> list[dict[str, Any]]:
+    def actions(statement: dict[str, Any]) -> list[str]:
+        return [statement["Action"]] if isinstance(statement["Action"], str) else statement["Action"]
+    return [st for st in policy["Statement"] if st["Effect"] == "Allow"
+            and any(a == action or (a.endswith("*") and action.startswith(a[:-1])) for a in actions(st))]
+
+
+def resources(statement: dict[str, Any]) -> list[str]:
+    return [statement["Resource"]] if isinstance(statement["Resource"], str) else statement["Resource"]
+
+
+def test_docs_iam_policies_follow_least_privilege():
+    policies = doc_json_heredocs()
+    assert {"s3-bucket.json", "head-autoscaler.json", "ec2-trust.json", "pods-trust.json"} <= set(policies)
+    bucket = policies["s3-bucket.json"]
+    for action in ("s3:PutObject", "s3:DeleteObject"):
+        written = [r for st in statements_allowing(bucket, action) for r in resources(st)]
+        assert written == ["arn:aws:s3:::$BUCKET/runs/*"], (action, written)
+    read = {r for st in statements_allowing(bucket, "s3:GetObject") for r in resources(st)}
+    assert "arn:aws:s3:::$BUCKET/spin-ray-assets/*" in read and "arn:aws:s3:::$BUCKET/*" not in read
+    head = policies["head-autoscaler.json"]
+    granted = {a for st in head["Statement"] for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
+    assert not any(a.endswith("*") for a in granted), granted
+    assert {a.split(":")[0] for a in granted} == {"ec2", "iam"} and "iam:PassRole" in granted
+    for action in ("ec2:TerminateInstances", "ec2:StopInstances", "ec2:StartInstances"):
+        for statement in statements_allowing(head, action):
+            assert statement["Condition"] == {"StringEquals": {"ec2:ResourceTag/ray-cluster-name": "spin-ray"}}
+    assert "AmazonEC2FullAccess" not in CLUSTER_DOC.read_text().replace("No `AmazonEC2FullAccess`", "")
+    assert "put-bucket-versioning --bucket $BUCKET --versioning-configuration Status=Enabled" in CLUSTER_DOC.read_text()

@@ -262,10 +262,11 @@ def test_the_job_exits_with_2_on_a_config_error(tmp_path, capsys):
 
 def test_a_run_dir_refuses_to_resume_another_search(cfg, tmp_path):
     from spin_ray.rundir import RunDir
-    from spin_ray.sweep import _claim_run_dir
+    from spin_ray.sweep_resume import claim_run_dir
 
     rundir = RunDir(tmp_path / "run")
-    _claim_run_dir(rundir, space(cfg, {"loss.beta": {"grid": [1, 2]}}))
-    _claim_run_dir(rundir, space(cfg, {"loss.beta": {"grid": [1, 2]}}, max_concurrent_trials=4))  # same search
+    claim_run_dir(rundir, space(cfg, {"loss.beta": {"grid": [1, 2]}}).search_signature(), resume=False)
+    same = space(cfg, {"loss.beta": {"grid": [1, 2]}}, max_concurrent_trials=4)  # same search
+    claim_run_dir(rundir, same.search_signature(), resume=True)
     with pytest.raises(ConfigError, match="records another search"):
-        _claim_run_dir(rundir, space(cfg, {"loss.beta": {"grid": [1, 3]}}))
+        claim_run_dir(rundir, space(cfg, {"loss.beta": {"grid": [1, 3]}}).search_signature(), resume=True)
