@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from spin_ray.toy.base_model import ASSET_DIR
@@ -35,10 +37,30 @@ def test_shortened_default_run_writes_the_report(tmp_path):
     metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
     summaries = metrics["summaries"]
     assert set(summaries) == {"base", "sft", "iter_1", "iter_2"}
-    for model, row in summaries.items():
-        assert 0.0 <= row["toy"]["mean"] <= 1.0, model
-        assert 0.0 <= row["toy"]["median"] <= 1.0, model
     assert metrics["baseline"] == "base"
     assert set(metrics["win_rates"]) >= {"sft", "iter_1", "iter_2"}
+
+    # The report's numbers are those of the per-image scores the pipeline stored in
+    # eval/<model>/scores.parquet, recomputed here by hand: best-of-N by the toy score (the
+    # only scorer, first image on ties), then the mean and median over prompts, and the win
+    # rate against base's chosen images with a tie as half a win.
+    num_prompts, num_images = 4, 1  # eval.max_prompts, eval.num_images_per_prompt above
+    assert metrics["metadata"]["num_prompts"] == num_prompts
+    chosen = {}
+    for model, row in summaries.items():
+        table = pq.read_table(run_dir / "eval" / model / "scores.parquet").to_pydict()
+        assert len(table["toy"]) == num_prompts * num_images, model
+        grid = np.full((num_prompts, num_images), np.nan)
+        grid[table["prompt_index"], table["image_index"]] = table["toy"]
+        assert not np.isnan(grid).any(), model  # every (prompt, image) scored once
+        best = np.argmax(grid, axis=1)
+        assert metrics["metadata"]["best_indices"][model] == best.tolist(), model
+        chosen[model] = grid[np.arange(num_prompts), best]
+        assert row["toy"]["n"] == num_prompts, model
+        assert row["toy"]["mean"] == pytest.approx(float(np.mean(chosen[model])), rel=1e-6, abs=1e-7), model
+        assert row["toy"]["median"] == pytest.approx(float(np.median(chosen[model])), rel=1e-6, abs=1e-7), model
+    for model in ("sft", "iter_1", "iter_2"):
+        wins = np.mean((chosen[model] > chosen["base"]) + 0.5 * (chosen[model] == chosen["base"]))
+        assert metrics["win_rates"][model]["toy"]["win_rate"] == pytest.approx(float(wins)), model
     report_files = {p.name for p in (run_dir / "report").iterdir()}
     assert {"report.md", "image_grid.png", "toy_over_iterations.png"} <= report_files

@@ -368,6 +368,79 @@ def test_several_prompt_sets_get_one_report_each(tmp_path, monkeypatch):
     assert not (tmp_path / "run/report/mine/toy_over_iterations.png").exists()  # not self-play models
 
 
+class ScaleMismatchPipeline:
+    """Stands in for :func:`eval_run.generate_and_score` with scorers on different scales:
+    pickscore (~100x larger) prefers image 0, toy and aesthetic prefer image 1. The plain
+    average picks image 0 ((300 + 0 + 0) / 3 > (100 + 1 + 1) / 3); the z-scored average picks
+    image 1 (each scorer's z-scores are +-1: -1/3 against +1/3)."""
+
+    def __call__(self, model, prompts, cfg):
+        rows = prompt_rows(prompts, cfg.eval.num_images_per_prompt, cfg.eval.seed)
+        columns = {name: [row[name] for row in rows] for name in eval_run.ROW_COLUMNS}
+        first = [row["image_index"] == 0 for row in rows]
+        columns["pickscore"] = [np.float32(300.0 if f else 100.0) for f in first]
+        columns["toy"] = [np.float32(0.0 if f else 1.0) for f in first]
+        columns["aesthetic"] = [np.float32(0.0 if f else 1.0) for f in first]
+        columns[eval_report.IMAGE_COLUMN] = [_png((0, 0, 0)) if f else b"" for f in first]
+        return pa.table(columns)
+
+
+@pytest.mark.parametrize(("normalise", "best"), [(False, 0), (True, 1)])
+def test_normalise_average_reaches_the_best_of_n_choice_of_the_evaluation(tmp_path, monkeypatch, normalise, best):
+    monkeypatch.setattr(eval_run, "generate_and_score", ScaleMismatchPipeline())
+    cfg = _self_play_cfg(**{"eval.scorers": ["pickscore", "toy", "aesthetic"], "eval.normalise_average": normalise})
+    run = RunDir(tmp_path / "run")
+
+    summaries = eval_run.evaluate_models(cfg, run, {"base": "/m/base"})
+
+    metrics = json.loads(run.read_text("report/metrics.json"))
+    assert metrics["metadata"]["normalise_average"] is normalise
+    assert metrics["metadata"]["best_indices"]["base"] == [best] * 3
+    row = summaries["toy"]["base"]
+    assert row["pickscore"].mean == pytest.approx([300.0, 100.0][best])
+    assert row["toy"].mean == pytest.approx(float(best)) and row["aesthetic"].mean == pytest.approx(float(best))
+
+
+@pytest.mark.parametrize(("normalise", "average"), [(False, 100.0), (True, 34.0)])
+def test_normalise_average_reaches_the_sweeps_held_out_score(tmp_path, monkeypatch, normalise, average):
+    from spin_ray import sweep
+    from spin_ray.sweep_config import AVERAGE_METRIC
+
+    fake = ScaleMismatchPipeline()
+    monkeypatch.setattr(eval_run, "model_scores",
+                        lambda cfg, rundir, rel, model, prompts: fake(model, prompts, cfg))
+    cfg = _self_play_cfg(**{"eval.scorers": ["pickscore", "toy", "aesthetic"], "eval.normalise_average": normalise})
+    # best-of-2 is image 0 by the plain average: (300 + 0 + 0) / 3; image 1 by z-scores: (100 + 1 + 1) / 3
+    score = sweep.score_model(cfg, RunDir(tmp_path / "run"), "eval/x", "iter_1/model", AVERAGE_METRIC)
+    assert score == pytest.approx(average)
+
+
+def test_stored_scores_are_redone_after_the_model_is_republished(tmp_path, monkeypatch):
+    run = RunDir(tmp_path / "run")
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "unet.bin").write_bytes(b"theta_1")
+    model = run.publish_dir(weights, "iter_1/model")
+    fake = FakePipeline({model: 0}, ["toy"])
+    monkeypatch.setattr(eval_run, "generate_and_score", fake)
+    cfg = _self_play_cfg()
+    prompts = load_prompts("toy", 3)
+
+    eval_run.model_scores(cfg, run, "eval/iter_1", model, prompts)
+    eval_run.model_scores(cfg, run, "eval/iter_1", model, prompts)
+    assert fake.calls == [model]  # the second call read the stored scores
+    first_version = run.read_done("eval/iter_1")["fingerprint"]["model_version"]
+    assert first_version == run.read_done("iter_1/model")["publish_id"]
+
+    # Iteration 1 retrained and published again at the same path: a new publish id, new scores.
+    run.fs.rm(run.fs_path("iter_1/model"), recursive=True)
+    assert run.publish_dir(weights, "iter_1/model") == model
+    eval_run.model_scores(cfg, run, "eval/iter_1", model, prompts)
+    assert fake.calls == [model, model]
+    assert run.read_done("eval/iter_1")["fingerprint"]["model_version"] == run.read_done("iter_1/model")["publish_id"]
+    assert run.read_done("eval/iter_1")["fingerprint"]["model_version"] != first_version
+
+
 # ----------------------------------------------------------------------------- shipped configs
 
 

@@ -143,16 +143,69 @@ def test_flop_count_rejects_mismatched_batches(unet):
         model_flops_per_forward(unet, (2, 4, 16, 16), (3, 77, 32))
 
 
-def test_sd15_unet_counts_the_design_figure_of_0_8_tflop(monkeypatch):
+def sd15_unet_flops_by_hand(text_tokens: int = 77, text_dim: int = 768) -> int:
+    """FLOPs of one SD-1.5 UNet forward on one 64x64 latent, derived from the architecture
+    (runwayml/stable-diffusion-v1-5 unet/config.json: block_out_channels 320/640/1280/1280,
+    2 layers per block, cross-attention blocks at the first three levels, a 1280-wide time
+    embedding, linear feed-forward GEGLU x4) without running the model.
+
+    Counted as FlopCounterMode counts: 2 FLOPs per multiply-add of every convolution, linear
+    layer and attention matmul; biases, norms, activations, softmax and resampling are free.
+    """
+    time_dim = 1280
+
+    def conv(pixels: int, c_in: int, c_out: int, kernel: int) -> int:
+        return 2 * pixels * c_in * c_out * kernel * kernel
+
+    def resnet(pixels: int, c_in: int, c_out: int) -> int:
+        # conv1 3x3, the time embedding's projection to c_out, conv2 3x3, a 1x1 shortcut if c_in != c_out
+        shortcut = conv(pixels, c_in, c_out, 1) if c_in != c_out else 0
+        return conv(pixels, c_in, c_out, 3) + 2 * time_dim * c_out + conv(pixels, c_out, c_out, 3) + shortcut
+
+    def transformer(pixels: int, c: int) -> int:
+        # n = pixels tokens of width c; proj_in and proj_out are 1x1 convs: 2 * 2 n c^2
+        # self-attention: q, k, v, out projections 4 * 2 n c^2; QK^T and AV: 2 * 2 n^2 c
+        # cross-attention: q and out 2 * 2 n c^2; k and v from the text 2 * 2 L D c; QK^T and AV 2 * 2 n L c
+        # feed-forward: GEGLU c -> 8c (2 n c 8c), then 4c -> c (2 n 4c c)
+        n, tokens, dim = pixels, text_tokens, text_dim
+        return (4 + 8 + 4 + 16 + 8) * n * c * c + 4 * n * n * c + 4 * n * tokens * c + 4 * tokens * dim * c
+
+    p64, p32, p16, p8 = 64 * 64, 32 * 32, 16 * 16, 8 * 8
+    total = 2 * 320 * time_dim + 2 * time_dim * time_dim  # sinusoidal 320 -> 1280 -> 1280
+    total += conv(p64, 4, 320, 3)  # conv_in
+    # down: (resnet + transformer) x 2 then a stride-2 3x3 conv, three times; then two plain resnets at 8x8
+    total += 2 * (resnet(p64, 320, 320) + transformer(p64, 320)) + conv(p32, 320, 320, 3)
+    total += resnet(p32, 320, 640) + resnet(p32, 640, 640) + 2 * transformer(p32, 640) + conv(p16, 640, 640, 3)
+    total += resnet(p16, 640, 1280) + resnet(p16, 1280, 1280) + 2 * transformer(p16, 1280) + conv(p8, 1280, 1280, 3)
+    total += 2 * resnet(p8, 1280, 1280)
+    # mid: resnet, transformer, resnet at 8x8
+    total += 2 * resnet(p8, 1280, 1280) + transformer(p8, 1280)
+    # up: three resnets per level on the concatenation with the skip connections (skip widths
+    # 1280,1280,1280 | 1280,1280,640 | 640,640,320 | 320,320,320), nearest x2 then a 3x3 conv
+    total += 3 * resnet(p8, 2560, 1280) + conv(p16, 1280, 1280, 3)
+    total += 2 * resnet(p16, 2560, 1280) + resnet(p16, 1920, 1280) + 3 * transformer(p16, 1280)
+    total += conv(p32, 1280, 1280, 3)
+    total += resnet(p32, 1920, 640) + resnet(p32, 1280, 640) + resnet(p32, 960, 640) + 3 * transformer(p32, 640)
+    total += conv(p64, 640, 640, 3)
+    total += resnet(p64, 960, 320) + 2 * resnet(p64, 640, 320) + 3 * transformer(p64, 320)
+    total += conv(p64, 320, 4, 3)  # conv_out
+    return total
+
+
+def test_sd15_unet_flop_count_equals_the_count_derived_from_the_architecture(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO_ROOT))
     from bench.common import SD15_UNET_CONFIG
+    from bench.scaling import SD15_TFLOP_PER_FORWARD
 
+    by_hand = sd15_unet_flops_by_hand()
+    assert by_hand == 803_273_441_280  # 0.803 TFLOP: the design figure (docs, bench.scaling)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
     flops = model_flops_per_forward(unet, (1, 4, 64, 64), (1, 77, 768))
-    assert flops == pytest.approx(0.80e12, rel=0.02)
-    assert generation_flops_per_image(flops, 50, 7.5) == pytest.approx(80e12, rel=0.02)
-    assert spin_flops_per_sample(flops, online_reference=True) == pytest.approx(6.4e12, rel=0.02)
+    assert flops == by_hand  # exact: the counter sees every conv, linear and attention matmul, nothing else
+    assert SD15_TFLOP_PER_FORWARD == round(by_hand / 1e12, 3)
+    assert generation_flops_per_image(flops, 50, 7.5) == 100 * by_hand
+    assert spin_flops_per_sample(flops, online_reference=True) == 8 * by_hand
 
 
 # ----------------------------------------------------------------------------- accounting and MFU

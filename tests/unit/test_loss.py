@@ -229,15 +229,41 @@ def test_weight_multiplies_each_logit():
     assert ones.metrics() == plain.metrics()
 
 
-def test_diffusion_dpo_is_spin_with_win_lose_for_real_syn():
+def test_diffusion_dpo_and_spin_both_match_the_dpo_formula_by_hand():
+    # Diffusion-DPO (Wallace et al. 2023, eq. 14 in the reference trainer's convention), per pair:
+    #   logit = -(beta/2) w ((m_win - r_win) - (m_lose - r_lose)), loss = mean softplus(-logit),
+    # computed here in float64 from the inputs; SPIN-Diffusion with (real, syn) = (win, lose)
+    # must give the same numbers under its own field names.
     torch.manual_seed(1)
     win, lose, ref_win, ref_lose = (torch.rand(5) for _ in range(4))
     weight = torch.rand(5) + 0.5
-    dpo = diffusion_dpo_loss(win, lose, ref_win, ref_lose, beta=3000.0, weight=weight)
-    spin = spin_loss(win, lose, ref_win, ref_lose, beta=3000.0, weight=weight)
+    beta = 30.0
+    rows = zip(*(x.tolist() for x in (win, lose, ref_win, ref_lose, weight)), strict=True)
+    reward_win, reward_lose, logits = [], [], []
+    for mw, ml, rw, rl, w in rows:
+        reward_win.append(-(beta / 2) * w * (mw - rw))
+        reward_lose.append(-(beta / 2) * w * (ml - rl))
+        logits.append(reward_win[-1] - reward_lose[-1])
+    by_hand = {
+        "loss": sum(softplus(-x) for x in logits) / 5,
+        "implicit_acc": sum(x > 0 for x in logits) / 5,
+        "reward_win": sum(reward_win) / 5,
+        "reward_lose": sum(reward_lose) / 5,
+        "margin": sum(logits) / 5,
+        "logits_mean": sum(logits) / 5,
+        "policy_mse_win": win.double().mean().item(),
+        "policy_mse_lose": lose.double().mean().item(),
+        "ref_mse_win": ref_win.double().mean().item(),
+        "ref_mse_lose": ref_lose.double().mean().item(),
+    }
+    assert 0 < by_hand["implicit_acc"] < 1  # both signs of logit occur in this batch
+
+    dpo = diffusion_dpo_loss(win, lose, ref_win, ref_lose, beta=beta, weight=weight)
+    spin = spin_loss(win, lose, ref_win, ref_lose, beta=beta, weight=weight)
     assert isinstance(dpo, DpoLossOutput)
-    renamed = {k.replace("win", "real").replace("lose", "syn"): v for k, v in dpo.metrics().items()}
-    assert renamed == spin.metrics()
+    assert dpo.metrics() == pytest.approx(by_hand, rel=1e-5, abs=1e-6)
+    spin_names = {k.replace("win", "real").replace("lose", "syn"): v for k, v in by_hand.items()}
+    assert spin.metrics() == pytest.approx(spin_names, rel=1e-5, abs=1e-6)
 
 
 def test_sft_loss_is_mean_denoising_mse():
@@ -298,8 +324,13 @@ def test_h2_weight_matches_formula_by_hand():
     mean = sum(h2) / 3
     weights = h2_weight(torch.tensor(abar), torch.tensor([2, 0, 2, 1]))
     torch.testing.assert_close(weights, torch.tensor([h2[2], h2[0], h2[2], h2[1]]) / mean)
-    # With abar_{-1} = 1 the first step's factor is (1 - abar_0) / abar_0.
-    assert h2[0] == pytest.approx((1 - 0.9) / 0.9)
+    # The same h_t^2 simplified by hand (a check of the function, not of the lines above):
+    #   t = 0: (0 - sqrt(0.1 / 0.9))^2 = 1/9 (with abar_{-1} = 1, h_0^2 = (1 - abar_0) / abar_0)
+    #   t = 1: (sqrt(0.1) - sqrt(0.9 * 0.4 / 0.6))^2 = 0.1 + 0.6 - 2 sqrt(0.06)
+    #   t = 2: (sqrt(0.4) - sqrt(0.6 * 0.8 / 0.2))^2 = 0.4 + 2.4 - 2 sqrt(0.96)
+    simplified = [1 / 9, 0.7 - 2 * math.sqrt(0.06), 2.8 - 2 * math.sqrt(0.96)]
+    expected = torch.tensor(simplified, dtype=torch.float64) / (sum(simplified) / 3)
+    torch.testing.assert_close(h2_weight(torch.tensor(abar), torch.tensor([0, 1, 2])), expected.float())
 
 
 def test_h2_weight_feeds_spin_loss():

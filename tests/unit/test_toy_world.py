@@ -152,8 +152,10 @@ def test_pickapic_parquet_is_read_by_the_real_reader(tmp_path):
     losers = SCORER.score([decode(rows[i]["jpg_1" if rows[i]["label_0"] == 1.0 else "jpg_0"]) for i in by_id], texts)
     assert winners.mean() > 0.8
     assert losers.mean() < 0.4
-    assert write_pickapic_parquet(tmp_path / "again.parquet", n_rows=40, seed=0, tie_fraction=0.15)
-    assert pq.read_table(tmp_path / "again.parquet").equals(table)
+    # The same arguments write the same table; the returned path is the file written.
+    again = write_pickapic_parquet(tmp_path / "again.parquet", n_rows=40, seed=0, tie_fraction=0.15)
+    assert again == tmp_path / "again.parquet" and again.is_file()
+    assert pq.read_table(again).equals(table)
 
 
 def test_image_text_parquet_is_read_by_the_generic_reader(tmp_path):
