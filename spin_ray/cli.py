@@ -1,38 +1,82 @@
-"""One command line for every job: ``python jobs/<job>.py [--config FILE] [key=value ...]``."""
+"""One command line for every job: ``python jobs/<job>.py [--config FILE] [key=value ...]``.
+
+``--help`` lists every config key (:mod:`spin_ray.config_help`); ``--print-config`` prints the
+resolved config as YAML and exits. An error the user can fix (:class:`spin_ray.errors.UserError`:
+config, data, model path, run directory), also one raised inside a Ray task, prints one line
+and exits with code 2; ``--debug`` shows its traceback instead. Any other exception is a bug
+and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from spin_ray.config import Config, ConfigError, load_config
+from spin_ray.config import Config, dump_config, load_config
+from spin_ray.config_help import keys_help
+from spin_ray.errors import find_user_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
+USER_ERROR_EXIT = 2
+"""Exit code of an error the user can fix (the same as argparse's usage errors)."""
 
 
-def parse_args(argv: list[str], description: str) -> tuple[Path | None, list[str]]:
-    """Split ``argv`` into the config file and the ``key=value`` overrides."""
-    parser = argparse.ArgumentParser(description=description)
+def build_parser(description: str, *, config_help: str | None = None, overrides_help: str | None = None,
+                 extra_sections: Mapping[str, type] | None = None) -> argparse.ArgumentParser:
+    """The options every job shares; the epilog lists the config keys (plus ``extra_sections``)."""
+    parser = argparse.ArgumentParser(description=description, epilog=keys_help(extra_sections),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=None,
-                        help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(REPO_ROOT)})")
+                        help=config_help or f"YAML config (default: {DEFAULT_CONFIG.relative_to(REPO_ROOT)})")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (file and overrides) as YAML and exit")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of errors that are otherwise one line (config, data, model, storage)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted config keys, e.g. loss.beta=[2000,5000] train.lr=1e-5")
-    args = parser.parse_args(argv)
-    path = args.config
-    if path is None and DEFAULT_CONFIG.exists():
-        path = DEFAULT_CONFIG
-    return path, args.overrides
+                        help=overrides_help or "dotted config keys, e.g. loss.beta=[2000,5000] train.lr=1e-5; "
+                                               "the keys are listed below")
+    return parser
 
 
-def run_job(job: Callable[[Config], object], argv: list[str] | None = None, description: str = "") -> int:
-    """Load the config from the command line and run ``job``; config errors exit with 2."""
-    path, overrides = parse_args(sys.argv[1:] if argv is None else argv, description)
+def parse_args(argv: Sequence[str], description: str) -> argparse.Namespace:
+    """Parse a plain job's command line; ``config`` is the default config when not given."""
+    args = build_parser(description).parse_args(list(argv))
+    if args.config is None and DEFAULT_CONFIG.exists():
+        args.config = DEFAULT_CONFIG
+    return args
+
+
+def run_job(job: Callable[[Config], object], argv: Sequence[str] | None = None, description: str = "") -> int:
+    """Load the config from the command line and run ``job``; returns the exit code."""
+    args = parse_args(sys.argv[1:] if argv is None else argv, description)
+
+    def main() -> int:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(dump_config(cfg), end="", flush=True)
+            return 0
+        job(cfg)
+        return 0
+
+    return guarded(main, debug=args.debug)
+
+
+def guarded(main: Callable[[], int], *, debug: bool = False) -> int:
+    """Run ``main``; a :class:`~spin_ray.errors.UserError` (also wrapped by Ray) becomes one
+    line on stderr and exit code 2, unless ``debug`` (then it propagates with its traceback)."""
     try:
-        job(load_config(path, overrides))
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return main()
+    except Exception as err:
+        user_error = find_user_error(err)
+        if user_error is None or debug:
+            raise
+        print(f"{user_error.label}: {_one_line(str(user_error))}", file=sys.stderr, flush=True)
+        return USER_ERROR_EXIT
+
+
+def _one_line(message: str) -> str:
+    # Messages that quote another library's error (YAML, diffusers) may hold line breaks.
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())

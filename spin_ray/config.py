@@ -16,15 +16,20 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from spin_ray.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config file or override is wrong; the message names the key and the problem."""
+
+    label = "config error"
 
 
 # ----------------------------------------------------------------------------- sections
@@ -421,7 +426,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r}: empty key")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:  # e.g. "train.lr=[1," : one line, not a traceback
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({' '.join(str(err).split())})") from None
     return key, value
 
 
@@ -480,13 +488,52 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if "sweep" in values:
         raise ConfigError(f"{path}: has a top-level 'sweep:' section, so it is a sweep config: "
                           f"run it with python jobs/sweep.py --config {path}")
-    values = apply_overrides(values, overrides or [])
+    return build_config(values, overrides or [], source=path)
+
+
+COMMAND_LINE = "command line"
+"""How an error names the ``key=value`` overrides as the source of a bad value."""
+
+
+def build_config(values: dict[str, Any], overrides: list[str], source: str | Path | None) -> Config:
+    """:func:`from_dict` of the file's ``values`` with ``overrides`` applied; an error names
+    where the bad value came from: ``command line`` or the file ``source``."""
     try:
-        return from_dict(values)
+        merged = apply_overrides(values, overrides)
+        for text in overrides:  # type errors of an override are the command line's own
+            key, value = parse_override(text)
+            _coerce(value, _type_at(key), key)
     except ConfigError as err:
-        if path is not None:
-            raise ConfigError(f"{path}: {err}") from None
-        raise
+        raise ConfigError(f"{COMMAND_LINE}: {err}") from None
+    try:
+        return from_dict(merged)
+    except ConfigError as err:
+        raise blame(err, source, overrides, lambda: from_dict(values)) from None
+
+
+def blame(err: ConfigError, source: str | Path | None, overrides: Sequence[str],
+          file_alone: Callable[[], object]) -> ConfigError:
+    """``err`` prefixed with its origin: the file ``source`` if the file alone (``file_alone``
+    builds it) fails the same way, else the command line (its overrides caused it)."""
+    if source is not None and (not overrides or _fails_with(file_alone, str(err))):
+        return ConfigError(f"{source}: {err}")
+    return ConfigError(f"{COMMAND_LINE}: {err}")
+
+
+def _fails_with(build: Callable[[], object], message: str) -> bool:
+    try:
+        build()
+    except ConfigError as other:
+        return str(other) == message
+    return False
+
+
+def _type_at(dotted: str) -> Any:
+    """The annotation of the dotted key (checked to exist by :func:`apply_overrides`)."""
+    tp: Any = Config
+    for part in dotted.split("."):
+        tp = _field_types(tp)[part]
+    return tp
 
 
 def dump_config(cfg: Config) -> str:

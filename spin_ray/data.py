@@ -67,6 +67,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from spin_ray.config import DataConfig
+from spin_ray.errors import UserError
 from spin_ray.input_limits import (
     DEFAULT_MAX_IMAGE_BYTES,
     MAX_METADATA_BYTES,
@@ -99,8 +100,10 @@ FOLDER_ROWS_PER_UNIT = 256
 _SKIP_HINT = "set data.on_bad_row=skip to drop such rows"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The SFT data is unusable; the message names the file, row, field and what was expected."""
+
+    label = "data error"
 
 
 # ----------------------------------------------------------------------------- statistics

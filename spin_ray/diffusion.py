@@ -23,6 +23,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from PIL import Image, ImageOps
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from spin_ray.errors import ModelDirError, ModelError
+
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 """Subfolders a diffusers Stable Diffusion directory must have (plus ``model_index.json``)."""
 
@@ -93,7 +95,7 @@ def load_components(
             requires_safety_checker=False,
         )
     except (OSError, ValueError) as err:
-        raise OSError(
+        raise ModelError(
             f"cannot load Stable Diffusion pipeline {pretrained!r} (revision {revision}): {err}"
         ) from err
     components = SDComponents(
@@ -126,7 +128,7 @@ def download_pipeline(pretrained: str, *, revision: str | None = None, local_fil
             feature_extractor=None,
         )
     except (OSError, ValueError) as err:
-        raise OSError(
+        raise ModelError(
             f"cannot fetch Stable Diffusion pipeline {pretrained!r} (revision {revision}): {err}"
         ) from err
     return str(folder)
@@ -166,7 +168,7 @@ def _local_unet_subfolder(root: Path, subfolder: str | None) -> str | None:
                 raise ValueError(f"{config_file}: describes a {class_name}, expected a UNet2DConditionModel")
             return candidate
     where = root / subfolder if subfolder else root
-    raise FileNotFoundError(
+    raise ModelDirError(
         f"{where}: no UNet here (expected {where / 'config.json'} and safetensors weights)"
     )
 
@@ -225,15 +227,15 @@ def _check_pipeline_dir(root: Path) -> None:
     folders = ", ".join(name + "/" for name in PIPELINE_COMPONENTS)
     expected = f"a diffusers Stable Diffusion directory with model_index.json and {folders}"
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such directory (expected {expected})")
+        raise ModelDirError(f"{root}: no such directory (expected {expected})")
     index_file = root / "model_index.json"
     if not index_file.is_file():
-        raise FileNotFoundError(f"{index_file}: missing (expected {expected})")
+        raise ModelDirError(f"{index_file}: missing (expected {expected})")
     index = json.loads(index_file.read_text())
     for name in PIPELINE_COMPONENTS:
         entry = index.get(name)
         if not entry or entry[0] is None or not (root / name).is_dir():
-            raise FileNotFoundError(f"{root}: missing component '{name}/' (expected {expected})")
+            raise ModelDirError(f"{root}: missing component '{name}/' (expected {expected})")
 
 
 # ----------------------------------------------------------------------------- images and prompts

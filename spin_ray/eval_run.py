@@ -430,7 +430,7 @@ def run_evaluation(cfg: Config) -> dict[str, SummaryTable]:
     check_eval_config(cfg.eval)
     models = {name: resolve_model(name, location) for name, location in cfg.eval.models.items()}
     rundir = RunDir(cfg.run_dir)
-    rundir.write_text_atomic("config.yaml", dump_config(cfg))
+    rundir.write_run_config(dump_config(cfg))
     ensure_ray(cfg.cluster.address)
     return _evaluate(cfg, rundir, models)
 

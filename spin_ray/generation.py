@@ -105,8 +105,8 @@ class OpponentGenerator:
             if cached is not None:
                 return cached
         sample_ids = [int(s) for s in batch["sample_id"]]
-        embeds = torch.as_tensor(np.asarray(batch["prompt_embeds"]), device=self.device, dtype=self.dtype)
-        latents_real = torch.as_tensor(np.asarray(batch["latents_real"]), device=self.device, dtype=torch.float32)
+        embeds = torch.as_tensor(_writable(batch["prompt_embeds"]), device=self.device, dtype=self.dtype)
+        latents_real = torch.as_tensor(_writable(batch["latents_real"]), device=self.device, dtype=torch.float32)
         sampling_seeds = [derive_seed(spec.run_seed, spec.iteration, s, SAMPLING_STREAM) for s in sample_ids]
         noise_seeds = [derive_seed(spec.run_seed, spec.iteration, s, NOISE_STREAM) for s in sample_ids]
         with torch.inference_mode():
@@ -141,3 +141,11 @@ class OpponentGenerator:
                 latents_syn.to(self.dtype), embeds, torch.tensor(noise_seeds), shared_noise=self.spec.shared_noise,
             )
         return mse_real.float().cpu().numpy(), mse_syn.float().cpu().numpy()
+
+
+def _writable(values) -> np.ndarray:
+    """``values`` as an array torch may share memory with: Ray hands out read-only views of the
+    object store, and a tensor over one would let an in-place op write into shared memory
+    (torch warns about it), so those are copied; writable arrays are used as they are."""
+    array = np.asarray(values)
+    return array if array.flags.writeable else array.copy()

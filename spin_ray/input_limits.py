@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from spin_ray.config import DataConfig, EvalConfig
+from spin_ray.errors import UserError
 
 MAX_IMAGE_PIXELS = 1 << 26
 """Largest image accepted, in pixels (67,108,864: 8192 x 8192, about 200 MB as RGB). PIL's own
@@ -49,7 +50,7 @@ PARQUET_BATCH_ROWS = 32
 """Rows decoded at a time by :func:`read_parquet_capped`: the cap is checked between batches."""
 
 
-class InputLimitError(ValueError):
+class InputLimitError(UserError, ValueError):
     """Input outside its folder, not a regular file, or over a limit; one line naming both."""
 
 

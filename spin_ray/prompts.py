@@ -25,6 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from spin_ray.errors import UserError
 from spin_ray.input_limits import (
     DEFAULT_MAX_PROMPT_FILE_BYTES,
     InputLimitError,
@@ -41,7 +42,7 @@ HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
 LIMIT_KEY = "eval.max_prompt_file_bytes"
 
 
-class PromptSetError(ValueError):
+class PromptSetError(UserError, ValueError):
     """A prompt set cannot be read; the message names the file and what was expected."""
 
 

@@ -50,6 +50,8 @@ import fsspec
 import pyarrow.fs
 from fsspec.implementations.local import LocalFileSystem
 
+from spin_ray.errors import StorageError, first_line
+from spin_ray.file_modes import file_mode, make_tree_public
 from spin_ray.input_limits import InputLimitError, contained_local_path
 from spin_ray.user_cache import user_cache_dir
 
@@ -104,6 +106,7 @@ def _local_atomic_file(path: str) -> Iterator[IO[bytes]]:
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())  # mkstemp makes 0600; the result is shared like any other file
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -142,7 +145,9 @@ class RunDir:
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
         except ImportError as err:
-            raise ImportError(f"run_dir {self.url!r}: its filesystem driver is not installed ({err})") from err
+            raise StorageError(f"run_dir {self.url!r}: its filesystem driver is not installed ({err})") from err
+        except (ValueError, OSError) as err:  # fsspec: "Protocol not known: ..."; a driver that cannot start
+            raise StorageError(f"run_dir {self.url!r}: not a usable local path or fsspec URL ({first_line(err)})") from err
         self.root = self.root.rstrip("/") or "/"
         self.is_local = isinstance(self.fs, LocalFileSystem)
 
@@ -241,6 +246,15 @@ class RunDir:
         """Replace ``rel`` with ``obj`` as indented JSON, atomically."""
         self.write_text_atomic(rel, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
+    def write_run_config(self, text: str) -> None:
+        """Write the run's ``config.yaml``: a job's first write, so a run dir that cannot be
+        written (no permission, a file in the way, no credentials) fails here as a
+        :class:`~spin_ray.errors.StorageError` instead of deep inside a Ray task."""
+        try:
+            self.write_text_atomic(CONFIG, text)
+        except OSError as err:
+            raise StorageError(f"run_dir {self.path()}: cannot write to it ({first_line(err)})") from err
+
     # ------------------------------------------------------------------ DONE markers
 
     def is_done(self, rel: str) -> bool:
@@ -308,6 +322,7 @@ class RunDir:
         staging = target.parent / f".{target.name}.publish-{uuid.uuid4().hex[:12]}"
         try:
             shutil.copytree(source, staging)
+            make_tree_public(staging)  # copytree keeps the source's modes: a mkdtemp source is 0700
             with _local_atomic_file(str(staging / DONE)) as f:
                 f.write((json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8"))
             _fsync_tree(staging)

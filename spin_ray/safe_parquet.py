@@ -22,13 +22,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from spin_ray.errors import UserError
+
 ALLOWED_EXTENSIONS = frozenset({"ray.data.arrow_tensor", "ray.data.arrow_tensor_v2"})
 """Extension types we write ourselves (opponent latents): numbers only, nothing unpickled."""
 
 EXTENSION_NAME_KEY = b"ARROW:extension:name"
 
 
-class UnsafeParquetError(ValueError):
+class UnsafeParquetError(UserError, ValueError):
     """A parquet column has an extension type; the message names the file and the column."""
 
 

@@ -39,10 +39,10 @@ def run(cfg: Config) -> RunResult:
     from spin_ray.ray_session import ensure_ray
 
     rundir = RunDir(cfg.run_dir)
-    rundir.write_text_atomic("config.yaml", dump_config(cfg))
+    rundir.write_run_config(dump_config(cfg))
+    base_model = resolve_base_model(cfg, rundir)  # before Ray starts: a wrong model path fails at once
     ensure_ray(cfg.cluster.address)
     result = RunResult(run_dir=cfg.run_dir)
-    base_model = resolve_base_model(cfg, rundir)
     result.models["base"] = base_model
     prepared = ensure_prepared(cfg, rundir, base_model)
     if cfg.self_play.sft_baseline:
@@ -229,7 +229,8 @@ def run_stage(cfg: Config, rundir: RunDir, rel: str, *, model_path: str, base_mo
     else:
         dataset = opponent_pairs(cfg, rundir, opponents_rel or f"{rel}/opponents", model_path=model_path,
                                  prepared=prepared, iteration=iteration, n_samples=n_samples)
-    print(f"[{rel}] training {plan.steps} steps on {n_samples} samples ({loss_type}, beta={plan.beta}, "
+    objective = loss_type if loss_type == "sft" else f"{loss_type}, beta={plan.beta}"  # SFT has no beta
+    print(f"[{rel}] training {plan.steps} steps on {n_samples} samples ({objective}, "
           f"lr={plan.lr}) against {model_path}", flush=True)
     result = fit(plan, dataset, name=rel.replace("/", "_"), storage_path=_storage_path(rundir, rel),
                  num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,

@@ -67,7 +67,6 @@ from typing import Any
 
 from spin_ray.config import (
     Config,
-    ConfigError,
     dump_config,
     per_iteration,
     with_overrides,
@@ -88,6 +87,7 @@ from spin_ray.sweep_config import (
     Dimension,
     SweepConfig,
     SweepError,
+    dump_sweep_config,
     head_node_resource,
     load_sweep,
     trial_resources,
@@ -299,15 +299,15 @@ class _Shared:
 def run_sweep(cfg: Config, sweep: SweepConfig, *, resume: bool = False) -> SweepResult:
     """Run the sweep: per-iteration search (``grid``) or population-based self-play (``pbt``).
     ``resume``: continue the sweep in ``cfg.run_dir`` (trusts it: Tune unpickles its state);
-    without it, a run dir that holds a sweep is a :class:`ConfigError`."""
+    without it, a run dir that holds a sweep is a :class:`~spin_ray.config.ConfigError`."""
     from spin_ray.ray_session import ensure_ray
 
     cfg = _absolute_paths(cfg)
     rundir = RunDir(cfg.run_dir)
     claim_run_dir(rundir, sweep.search_signature(), resume=resume)
-    rundir.write_text_atomic("config.yaml", dump_config(cfg))
+    rundir.write_run_config(dump_config(cfg))
+    base_model = os.path.abspath(resolve_base_model(cfg, rundir))  # before Ray: a wrong path fails at once
     ensure_ray(cfg.cluster.address)
-    base_model = os.path.abspath(resolve_base_model(cfg, rundir))
     shared = _Shared(cfg=cfg, sweep=sweep, rundir=rundir, base_model=base_model,
                      prepared=ensure_prepared(cfg, rundir, base_model), resume=resume)
     result = SweepResult(run_dir=cfg.run_dir, models={BASE: base_model})
@@ -331,25 +331,28 @@ DEFAULT_SWEEP_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sweep_
 
 
 def run_sweep_job(argv: Sequence[str] | None = None) -> int:
-    """``python jobs/sweep.py [--config FILE] [--resume] [key=value ...]``; config errors exit with 2."""
-    import argparse
+    """``python jobs/sweep.py [--config FILE] [--resume] [key=value ...]``; errors the user can
+    fix are one line and exit code 2 (:func:`spin_ray.cli.guarded`)."""
+    from spin_ray.cli import build_parser, guarded
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=DEFAULT_SWEEP_CONFIG,
-                        help="a config with a sweep: section (default: configs/sweep_beta.yaml)")
+    parser = build_parser(
+        __doc__.splitlines()[0], extra_sections={"sweep": SweepConfig},
+        config_help="a config with a sweep: section (default: configs/sweep_beta.yaml)",
+        overrides_help="dotted keys of the config or of the sweep section, e.g. train.lr=1e-5 "
+                       "sweep.max_concurrent_trials=2 'sweep.space.loss.beta={grid: [2000, 5000]}'")
     parser.add_argument("--resume", action="store_true",
                         help="continue the sweep already in run_dir; Ray Tune unpickles its saved state, "
                              "so use it only for a run directory whose writers you trust")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted keys of the config or of the sweep section, e.g. train.lr=1e-5 "
-                             "sweep.max_concurrent_trials=2 'sweep.space.loss.beta={grid: [2000, 5000]}'")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        cfg, sweep = load_sweep(args.config, args.overrides)
-        result = run_sweep(cfg, sweep, resume=args.resume)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    return guarded(lambda: _sweep_main(args), debug=args.debug)
+
+
+def _sweep_main(args: Any) -> int:
+    cfg, sweep = load_sweep(args.config or DEFAULT_SWEEP_CONFIG, args.overrides)
+    if args.print_config:
+        print(dump_sweep_config(cfg, sweep), end="", flush=True)
+        return 0
+    result = run_sweep(cfg, sweep, resume=args.resume)
     for k, winner in sorted(result.winners.items()):
         print(f"iteration {k}: trial {winner.trial_id} won with {sweep.metric} = {_fmt(winner.score)} "
               f"({_fmt_params(winner.params)}) -> {result.models[f'iter_{k}']}", flush=True)

@@ -17,11 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from spin_ray.config import (
+    COMMAND_LINE,
     Config,
     ConfigError,
-    apply_overrides,
-    from_dict,
+    blame,
+    build_config,
+    dump_config,
     get_by_path,
     load_yaml,
     parse_override,
@@ -313,9 +317,21 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Config,
     sweep_overrides, config_overrides = split_overrides(overrides)
     if section is None and not sweep_overrides:
         raise ConfigError(f"{path}: no top-level 'sweep:' section; see configs/sweep_beta.yaml for one")
+    cfg = build_config(values, config_overrides, source=path)  # its errors name their source
     try:
-        cfg = from_dict(apply_overrides(values, config_overrides))
-        sweep = parse_sweep(apply_sweep_overrides(section or {}, sweep_overrides), cfg)
+        merged = apply_sweep_overrides(section or {}, sweep_overrides)
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        raise ConfigError(f"{COMMAND_LINE}: {err}") from None
+    try:
+        sweep = parse_sweep(merged, cfg)
+    except ConfigError as err:
+        raise blame(err, path, sweep_overrides, lambda: parse_sweep(section or {}, cfg)) from None
     return cfg, sweep
+
+
+def dump_sweep_config(cfg: Config, sweep: SweepConfig) -> str:
+    """The resolved sweep config as YAML (the config, then its ``sweep:`` section);
+    :func:`load_sweep` of it gives back ``(cfg, sweep)``."""
+    section = {f.name: getattr(sweep, f.name) for f in dataclasses.fields(sweep)}
+    section["space"] = {key: {dim.kind: list(dim.values)} for key, dim in sweep.space.items()}
+    return dump_config(cfg) + yaml.safe_dump({"sweep": section}, sort_keys=False)

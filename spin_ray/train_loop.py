@@ -227,7 +227,13 @@ def optimizer_step(optim: Optimization, max_grad_norm: float, *, loss_finite: bo
     if finite:
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optim.optimizer.step()
+    else:
+        # Skip by dropping the gradients: torch optimizers leave a parameter whose .grad is None
+        # untouched (no update, no weight decay, no state change). The optimizer step below is
+        # then a no-op, and the schedule still advances after an optimizer step, in the order
+        # torch expects (a bare lr_scheduler.step() on a skipped first step makes torch warn).
+        optim.optimizer.zero_grad(set_to_none=True)
+    optim.optimizer.step()
     optim.lr_scheduler.step()
     optim.optimizer.zero_grad(set_to_none=True)
     return finite

@@ -19,11 +19,13 @@ import stat
 import tempfile
 from pathlib import Path
 
+from spin_ray.errors import UserError
+
 CACHE_ENV = "SPIN_RAY_CACHE_DIR"
 """Environment variable naming the per-user cache root instead of ``<tmp>/spin_ray-<uid>``."""
 
 
-class CacheDirError(RuntimeError):
+class CacheDirError(UserError, RuntimeError):
     """A cache folder is not a private directory of this user; one line naming it and why."""
 
 

@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from spin_ray.errors import UserError
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -23,7 +25,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A weight file is missing keys, has unexpected keys, or has tensors of the wrong shape."""
 
 

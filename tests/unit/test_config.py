@@ -7,11 +7,13 @@ import pytest
 from spin_ray.config import (
     Config,
     ConfigError,
+    apply_overrides,
     dump_config,
     get_by_path,
     load_config,
     load_yaml,
     per_iteration,
+    to_dict,
     with_overrides,
 )
 
@@ -70,10 +72,29 @@ def test_the_papers_schedule_is_expressible(tmp_path):
 
 def test_required_key_names_exist():
     cfg = Config()
+    values = to_dict(cfg)
     for key in ["run_dir", "seed", "model.pretrained", "data.path", "data.format", "self_play.iterations",
                 "loss.beta", "train.lr", "train.steps", "generation.num_inference_steps",
                 "generation.guidance_scale"]:
-        get_by_path(cfg, key)
+        node = values  # the key's place in the YAML tree, walked without get_by_path
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, key
+            node = node[part]
+        assert get_by_path(cfg, key) == node, key
+        assert apply_overrides({}, [f"{key}=1"]) == _nested(key, 1), key  # accepted as an override key
+    with pytest.raises(AttributeError):
+        get_by_path(cfg, "train.learning_rate")
+    with pytest.raises(ConfigError, match="unknown config key 'train.learning_rate'"):
+        apply_overrides({}, ["train.learning_rate=1"])
+
+
+def _nested(dotted: str, value: object) -> dict:
+    """``"a.b"``, 1 -> ``{"a": {"b": 1}}``."""
+    node: object = value
+    for part in reversed(dotted.split(".")):
+        node = {part: node}
+    assert isinstance(node, dict)
+    return node
 
 
 def test_overrides_parse_yaml_values(tmp_path):

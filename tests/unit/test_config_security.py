@@ -28,7 +28,7 @@ def test_credentials_in_a_url_are_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     message = str(err.value)
-    assert message.startswith(f"{key}: ") and "carries credentials in the URL" in message
+    assert message.startswith(f"command line: {key}: ") and "carries credentials in the URL" in message
     assert SECRET not in message and "plain" not in message and "pw@" not in message and "\n" not in message
 
 

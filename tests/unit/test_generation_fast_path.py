@@ -81,6 +81,35 @@ def test_prepared_generator_samples_what_the_plain_unet_samples(tiny_pipeline_di
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-4, rtol=1e-4)
 
 
+def test_generator_takes_read_only_batches_without_a_numpy_warning(tiny_pipeline_dir, monkeypatch):
+    """Ray Data hands out read-only views of the object store; torch warns when a tensor would
+    share memory with one (issue 14), so the generator must not build such a tensor. torch warns
+    once per process, so the arrays handed to torch are checked too."""
+    import warnings
+
+    generator = OpponentGenerator(spec(tiny_pipeline_dir))
+    as_tensor, given = torch.as_tensor, []
+
+    def recording_as_tensor(data, *args, **kwargs):
+        if isinstance(data, np.ndarray):
+            given.append(data.flags.writeable)
+        return as_tensor(data, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "as_tensor", recording_as_tensor)
+    batch = {
+        "sample_id": np.arange(1, dtype=np.int64),
+        "prompt_embeds": np.zeros((1, 77, generator.components.unet.config.cross_attention_dim), dtype=np.float32),
+        "latents_real": np.zeros((1, 4, 16, 16), dtype=np.float32),
+    }
+    for values in batch.values():
+        values.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = generator(batch)
+    assert out["latents_syn"].shape == (1, 4, 16, 16)
+    assert given and all(given)
+
+
 def train_plan(model_path, **changes) -> TrainPlan:
     values = dict(init_model_path=str(model_path), loss_type="spin", online_reference=True, beta=2000.0, lr=1e-5,
                   steps=1, batch_size=1, gradient_accumulation_steps=1, weight_decay=1e-2, warmup_steps=0,

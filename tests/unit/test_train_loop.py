@@ -164,6 +164,25 @@ def test_nonfinite_loss_skips_the_update_even_with_finite_gradients():
     assert optimizer_tensors(optim.optimizer) == {}
 
 
+def test_a_skipped_first_step_advances_the_schedule_without_torch_warning():
+    """torch warns when lr_scheduler.step() comes before any optimizer.step(); a skipped first
+    step must keep the schedule's time without that warning (issue 14)."""
+    import warnings
+
+    model = torch.nn.Linear(3, 2)
+    plan = make_plan(warmup_steps=2)
+    optim = Optimization.for_plan(model, plan)
+    params, first_lr = weights(model), optim.lr_scheduler.get_last_lr()[0]
+    set_grads(model, float("nan"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not optimizer_step(optim, plan.max_grad_norm)
+        set_grads(model, 0.5)
+        assert optimizer_step(optim, plan.max_grad_norm)
+    assert optim.lr_scheduler.last_epoch == 2 and optim.lr_scheduler.get_last_lr()[0] > first_lr
+    assert not all(torch.equal(weights(model)[k], v) for k, v in params.items())
+
+
 def _rank_votes(rank: int, init_file: str, out_dir: str) -> None:
     """One of two gloo ranks: rank 1 saw a non-finite loss in the first vote, nobody in the second."""
     import torch.distributed as dist
