@@ -3,30 +3,40 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint unit install clean
+.PHONY: demo test lint unit install install-dev clean
 
+# The demo needs the package and its runtime dependencies only; the dev extra (pytest, ruff,
+# bandit, hypothesis, moto and s3fs for the object-store tests) is installed on top of them
+# by the targets that use it, so `make demo` downloads nothing it does not run.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e .
 	touch $(STAMP)
 
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/pip install -e '.[dev]'
+	touch $(DEV_STAMP)
+
 install: $(STAMP)
+
+install-dev: $(DEV_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python jobs/self_play.py
 
 # Bandit is configured (and its one skipped rule justified) in pyproject.toml [tool.bandit]; the
 # project's own source scanner (tests/unit/test_security.py) runs with the tests.
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check spin_ray jobs tests bench
 	$(BIN)/bandit -q -c pyproject.toml -r spin_ray jobs bench
 
 test: lint
 	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
-unit: $(STAMP)
+unit: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
 clean:

@@ -373,7 +373,10 @@ def model_scores(cfg: Config, rundir: RunDir, rel: str, model: str, prompts: Seq
             from spin_ray.safe_parquet import read_table_checked  # refuses extension-typed columns
 
             with rundir.fs.open(rundir.fs_path(f"{rel}/{SCORES_FILE}"), "rb") as handle:
-                return read_table_checked(handle, where=rundir.path(f"{rel}/{SCORES_FILE}"))
+                table = read_table_checked(handle, where=rundir.path(f"{rel}/{SCORES_FILE}"))
+            print(f"[eval] {rel}: stored scores reused ({table.num_rows} images; same settings and model version)",
+                  flush=True)
+            return table
         log.warning("%s: stored scores were made with other settings or another model version; redoing them",
                     rundir.path(rel))
         rundir.fs.rm(rundir.fs_path(rel), recursive=True)

@@ -86,16 +86,20 @@ def _with_noise_seed(batch: dict[str, np.ndarray], run_seed: int, iteration: int
 
 
 def spin_pairs(samples, spec: GeneratorSpec, *, n_samples: int, batch_size: int, num_actors: int,
-               gpus_per_actor: float, resources: dict[str, float] | None = None):
+               gpus_per_actor: float, resources: dict[str, float] | None = None, cached=None):
     """(real, synthetic) pair rows: cached opponents first, then freshly generated ones.
 
     When ``spec.opponents_dir`` already holds all ``n_samples`` opponents (a rerun, or Tune
     trials sharing one generation) no generation actor starts: on a GPU cluster an idle
-    actor would hold a GPU and load theta_k for nothing.
+    actor would hold a GPU and load theta_k for nothing. ``cached``: what
+    :func:`~spin_ray.opponents.cached_files` gave for ``spec.opponents_dir``, when the caller
+    listed it already (each listing reads every cached file's ids).
     """
     import ray.data
 
-    files, done_ids = cached_files(spec.opponents_dir) if spec.opponents_dir else ([], None)
+    if cached is None:
+        cached = cached_files(spec.opponents_dir) if spec.opponents_dir else ([], None)
+    files, done_ids = cached
     cached = ray.data.read_parquet(files).select_columns(PAIR_COLUMNS) if files else None
     if cached is not None and len(done_ids) >= n_samples:
         return cached

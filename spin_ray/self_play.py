@@ -10,6 +10,7 @@ checkpoint (see :mod:`spin_ray.rundir` for the layout).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -44,6 +45,7 @@ def run(cfg: Config) -> RunResult:
     ensure_ray(cfg.cluster.address)
     result = RunResult(run_dir=cfg.run_dir)
     result.models["base"] = base_model
+    _say_if_toy_evaluation(cfg)
     prepared = ensure_prepared(cfg, rundir, base_model)
     if cfg.self_play.sft_baseline:
         result.models["sft"] = run_sft_baseline(cfg, rundir, base_model=base_model, prepared=prepared)
@@ -52,6 +54,7 @@ def run(cfg: Config) -> RunResult:
         rel = f"iter_{k}"
         if k <= last_done:
             result.models[rel] = rundir.path(rel, "model")
+            _say_reused(rel, result.models[rel])
             continue
         _set_aside_stale(rundir, rel)
         opponent = base_model if k == 1 else rundir.local_copy(f"iter_{k - 1}/model")
@@ -64,6 +67,22 @@ def run(cfg: Config) -> RunResult:
 
         evaluate_models(cfg, rundir, result.models)
     return result
+
+
+def _say_reused(rel: str, model: str) -> None:
+    # A rerun skips finished stages; saying so tells a resume from a run that did nothing.
+    print(f"[{rel}] already trained in an earlier run: model already published, reusing {model}", flush=True)
+
+
+def _say_if_toy_evaluation(cfg: Config) -> None:
+    """Your own data or model evaluated on the toy prompts (configs/default.yaml's ``eval``
+    section, kept when only ``data.path`` or ``model.pretrained`` is overridden) measures
+    nothing about them: say so before the training, not in the report hours later."""
+    prompts = [cfg.eval.prompts] if isinstance(cfg.eval.prompts, str) else list(cfg.eval.prompts)
+    if cfg.eval.enabled and "toy" in prompts and (cfg.data.path or cfg.model.pretrained != "toy"):
+        print("note: the evaluation uses the toy world's prompts (eval.prompts=toy, "
+              f"eval.scorers={list(cfg.eval.scorers)}), not prompts of your data; set eval.prompts and "
+              "eval.scorers (README \"Your own data\") or eval.enabled=false", flush=True)
 
 
 def _set_aside_stale(rundir: RunDir, rel: str) -> None:
@@ -126,7 +145,10 @@ def ensure_prepared(cfg: Config, rundir: RunDir, base_model: str) -> Prepared:
     """Encode the SFT data once per run (Ray Data: reader -> VAE/text-encoder actors)."""
     if rundir.is_done(PREPARED):
         info = rundir.read_json(f"{PREPARED}/DONE")
-        return Prepared(path=rundir.path(PREPARED, "data"), n_rows=int(info["n_rows"]))
+        path = rundir.path(PREPARED, "data")
+        print(f"[prepare] already done in an earlier run: reusing its {info['n_rows']} encoded real rows "
+              f"in {path}", flush=True)
+        return Prepared(path=path, n_rows=int(info["n_rows"]))
     from spin_ray.data import read_sft_dataset
     from spin_ray.prepare import EncoderSpec, prepare_real_table
 
@@ -186,13 +208,28 @@ def run_sft_baseline(cfg: Config, rundir: RunDir, *, base_model: str, prepared: 
 def opponent_pairs(cfg: Config, rundir: RunDir, opponents_rel: str, *, model_path: str, prepared: Prepared,
                    iteration: int, n_samples: int):
     """The lazy dataset of (real, synthetic) pairs: theta_k (``model_path``) plays the opponent."""
+    from spin_ray.opponents import cached_files
     from spin_ray.pairs import sample_table, spin_pairs
 
-    return spin_pairs(sample_table(prepared.path, prepared.n_rows, n_samples),
-                      _generator_spec(cfg, rundir, opponents_rel, model_path, iteration),
+    spec = _generator_spec(cfg, rundir, opponents_rel, model_path, iteration)
+    cached = cached_files(spec.opponents_dir)  # listed once, for the line below and for spin_pairs
+    _say_cached_opponents(opponents_rel, cached, n_samples, cfg.generation.batch_size)
+    return spin_pairs(sample_table(prepared.path, prepared.n_rows, n_samples), spec,
                       n_samples=n_samples, batch_size=cfg.generation.batch_size, num_actors=cfg.generation.num_actors,
                       gpus_per_actor=cfg.generation.gpus_per_actor,
-                      resources=_label(cfg.cluster.generation_node_label))
+                      resources=_label(cfg.cluster.generation_node_label), cached=cached)
+
+
+def _say_cached_opponents(opponents_rel: str, cached, n_samples: int, batch_size: int) -> None:
+    """One line when opponents are already on disk (a rerun, or trials sharing a generation)."""
+    files, ids = cached
+    if not files:
+        return
+    batches = math.ceil(n_samples / batch_size)
+    reused = min(len(ids), n_samples)  # a cache made for more steps holds more than this stage reads
+    rest = "nothing left to generate" if reused >= n_samples else f"generating the other {n_samples - reused}"
+    print(f"[{opponents_rel}] {min(len(files), batches)} of {batches} opponent batches ({reused} of {n_samples} "
+          f"samples) already on disk, reused; {rest}", flush=True)
 
 
 def generate_opponents(cfg: Config, rundir: RunDir, opponents_rel: str, *, model_path: str,
@@ -216,6 +253,7 @@ def run_stage(cfg: Config, rundir: RunDir, rel: str, *, model_path: str, base_mo
     """
     model_rel = f"{rel}/model"
     if rundir.is_done(rel):
+        _say_reused(rel, rundir.path(model_rel))
         return rundir.local_copy(model_rel)
     from spin_ray.pairs import sample_table, sft_samples
     from spin_ray.trainer import checkpoint_history, fit
@@ -230,13 +268,19 @@ def run_stage(cfg: Config, rundir: RunDir, rel: str, *, model_path: str, base_mo
         dataset = opponent_pairs(cfg, rundir, opponents_rel or f"{rel}/opponents", model_path=model_path,
                                  prepared=prepared, iteration=iteration, n_samples=n_samples)
     objective = loss_type if loss_type == "sft" else f"{loss_type}, beta={plan.beta}"  # SFT has no beta
-    print(f"[{rel}] training {plan.steps} steps on {n_samples} samples ({objective}, "
-          f"lr={plan.lr}) against {model_path}", flush=True)
-    result = fit(plan, dataset, name=rel.replace("/", "_"), storage_path=_storage_path(rundir, rel),
+    print(f"[{rel}] training {plan.steps} steps on {n_samples} samples{_repeat_note(prepared.n_rows, n_samples)} "
+          f"({objective}, lr={plan.lr}) against {model_path}", flush=True)
+    name, storage_path = rel.replace("/", "_"), _storage_path(rundir, rel)
+    _say_if_resuming(rel, storage_path, name, plan.steps)
+    result = fit(plan, dataset, name=name, storage_path=storage_path,
                  num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                  resources_per_worker=_worker_resources(cfg), max_failures=cfg.train.max_failures)
     history = checkpoint_history(result.checkpoint)
-    _publish_model(result.checkpoint, base_model, rundir, model_rel)
+    if rundir.is_done(model_rel):  # an earlier run died between publishing the model and marking the stage done
+        print(f"[{rel}] model already published at {rundir.path(model_rel)} by an earlier run; keeping it",
+              flush=True)
+    else:
+        _publish_model(result.checkpoint, base_model, rundir, model_rel)
     rundir.write_text_atomic(f"{rel}/config.yaml", dump_config(cfg))
     rundir.write_json_atomic(f"{rel}/metrics.json", {
         "iteration": iteration, "loss_type": loss_type, "opponent": model_path, "beta": plan.beta,
@@ -245,6 +289,24 @@ def run_stage(cfg: Config, rundir: RunDir, rel: str, *, model_path: str, base_mo
     })
     rundir.mark_done(rel, {"seconds": time.time() - started, "steps": plan.steps})
     return rundir.local_copy(model_rel)
+
+
+def _repeat_note(n_rows: int, n_samples: int) -> str:
+    """``, 8 real rows repeated 20 times`` when a stage needs more samples than the data has rows
+    (:func:`spin_ray.pairs.sample_table` repeats them), else nothing."""
+    if n_samples <= n_rows or n_rows < 1:
+        return ""
+    times = n_samples / n_rows
+    count = f"{times:.0f}" if times.is_integer() else f"about {times:.1f}"
+    return f", {n_rows} real rows repeated {count} times"
+
+
+def _say_if_resuming(rel: str, storage_path: str, name: str, steps: int) -> None:
+    from spin_ray.trainer import checkpoint_step
+
+    step = checkpoint_step(storage_path, name)
+    if step is not None:
+        print(f"[{rel}] training resumes from its Ray Train checkpoint at step {step} of {steps}", flush=True)
 
 
 def _train_plan(cfg: Config, model_path: str, iteration: int, loss_type: str, steps: int | None = None):

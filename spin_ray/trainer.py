@@ -182,6 +182,20 @@ def set_aside_unreadable_snapshot(storage_path: str, name: str) -> str | None:
         return aside
 
 
+def checkpoint_step(storage_path: str, name: str) -> int | None:
+    """The step of the checkpoint that a :func:`fit` with this ``name`` and ``storage_path``
+    resumes from (Ray Train's snapshot, read on the driver), or None: no checkpoint yet, or a
+    snapshot that does not parse (:func:`set_aside_unreadable_snapshot` then says so)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(storage_path)
+    try:
+        latest = json.loads(fs.cat_file(f"{root.rstrip('/')}/{name}/{RAY_SNAPSHOT_FILE}"))["latest_checkpoint_result"]
+        return int(latest["metrics"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):  # no file, not JSON, no checkpoint (null) or no step
+        return None
+
+
 def checkpoint_history(checkpoint) -> list[dict]:
     """The per-report metrics recorded in a checkpoint written by this module."""
     with checkpoint.as_directory() as tmp:

@@ -441,6 +441,19 @@ def test_stored_scores_are_redone_after_the_model_is_republished(tmp_path, monke
     assert run.read_done("eval/iter_1")["fingerprint"]["model_version"] != first_version
 
 
+def test_reused_scores_are_said(tmp_path, monkeypatch, capsys):
+    run = RunDir(tmp_path / "run")
+    fake = FakePipeline({"/m/base": 0}, ["toy"])
+    monkeypatch.setattr(eval_run, "generate_and_score", fake)
+    cfg = _self_play_cfg()
+    prompts = load_prompts("toy", 3)
+
+    eval_run.model_scores(cfg, run, "eval/base", "/m/base", prompts)
+    assert "reused" not in capsys.readouterr().out
+    eval_run.model_scores(cfg, run, "eval/base", "/m/base", prompts)
+    assert capsys.readouterr().out == "[eval] eval/base: stored scores reused (6 images; same settings and model version)\n"
+
+
 # ----------------------------------------------------------------------------- shipped configs
 
 
