@@ -55,7 +55,8 @@ def score(pipe, unet, prompts: list[str], guidance: float) -> float:
     return float(ToyScorer().score(images, prompts * 2).reshape(2, -1).max(axis=0).mean())
 
 
-def train(unet, opponent, data, args, steps: int, rng: np.random.Generator, scheduler) -> float:
+def train(unet, opponent, data, args, steps: int, rng: np.random.Generator, scheduler, *, lr: float,
+          beta: float = 0.0) -> float:
     """``steps`` AdamW steps of SPIN against ``opponent`` (SFT when None); mean implicit accuracy."""
     from diffusers.optimization import get_scheduler
 
@@ -64,7 +65,7 @@ def train(unet, opponent, data, args, steps: int, rng: np.random.Generator, sche
 
     latents, embeds, empty = data
     unet.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
     schedule = get_scheduler("linear", optimizer, num_warmup_steps=max(1, steps // 10), num_training_steps=steps)
     accuracies = []
     for _ in range(steps):
@@ -79,7 +80,7 @@ def train(unet, opponent, data, args, steps: int, rng: np.random.Generator, sche
                     [int(s) for s in rng.integers(0, 2**62, args.batch_size)], num_inference_steps=args.sampler_steps,
                     guidance_scale=args.guidance, eta=0.0, latent_shape=LATENT_SHAPE).float()
             batch = PairBatch(latents[index], synthetic, embeds[index], seeds)
-            out = spin_batch_loss(unet, scheduler, batch, beta=args.beta, ref_unet=opponent)
+            out = spin_batch_loss(unet, scheduler, batch, beta=beta, ref_unet=opponent)
             accuracies.append(float(out.implicit_acc))
         optimizer.zero_grad()
         out.loss.backward()
@@ -90,13 +91,19 @@ def train(unet, opponent, data, args, steps: int, rng: np.random.Generator, sche
     return float(np.mean(accuracies)) if accuracies else float("nan")
 
 
+def per_iteration(values: list[float], k: int) -> float:
+    """Iteration ``k``'s (1-based) value; the last one repeats, as the config's lists do."""
+    return values[min(k, len(values)) - 1]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--steps", type=int, default=70, help="optimizer steps per SPIN iteration")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--beta", type=float, default=2000.0)
+    parser.add_argument("--lr", type=float, nargs="+", default=[1e-4],
+                        help="peak lr, one value or one per iteration (SFT uses the first)")
+    parser.add_argument("--beta", type=float, nargs="+", default=[2000.0], help="one value or one per iteration")
     parser.add_argument("--sampler-steps", type=int, default=10, help="the opponents' DDIM steps")
     parser.add_argument("--guidance", type=float, default=1.0, help="opponents' and evaluation's guidance")
     parser.add_argument("--rows", type=int, default=1024, help="real rows")
@@ -104,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sft", action="store_true", help="also train SFT for iterations x steps")
     parser.add_argument("--real-flaws", type=float, default=0.0,
                         help="give the real images the base's blur, wash-out and noise at this shift (0: none)")
+    parser.add_argument("--model", default=None, help="base pipeline dir (default: the shipped toy base)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     from spin_ray.toy.world import validation_prompts
 
     torch.manual_seed(args.seed)
-    pipe = StableDiffusionPipeline.from_pretrained(str(ensure_toy_base_model()), safety_checker=None,
+    pipe = StableDiffusionPipeline.from_pretrained(args.model or str(ensure_toy_base_model()), safety_checker=None,
                                                    use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     data = real_rows(pipe, args.rows, args.seed, args.real_flaws)
@@ -121,16 +129,19 @@ def main(argv: list[str] | None = None) -> dict:
     rng = np.random.default_rng(args.seed)
     base = pipe.unet
     results = {"base": score(pipe, base, prompts, args.guidance)}
+    print(f"base: toy reward {results['base']:.3f}", flush=True)
     if args.sft:
         sft = copy.deepcopy(base)
-        train(sft, None, data, args, args.steps * args.iterations, rng, pipe.scheduler)
+        train(sft, None, data, args, args.steps * args.iterations, rng, pipe.scheduler, lr=args.lr[0])
         results["sft"] = score(pipe, sft, prompts, args.guidance)
+        print(f"sft: toy reward {results['sft']:.3f}", flush=True)
     current = base
     for k in range(1, args.iterations + 1):
         started = time.time()
         opponent = copy.deepcopy(current).eval().requires_grad_(False)
         current = copy.deepcopy(current)
-        accuracy = train(current, opponent, data, args, args.steps, rng, pipe.scheduler)
+        accuracy = train(current, opponent, data, args, args.steps, rng, pipe.scheduler,
+                         lr=per_iteration(args.lr, k), beta=per_iteration(args.beta, k))
         results[f"iter_{k}"] = score(pipe, current, prompts, args.guidance)
         print(f"iter_{k}: implicit accuracy {accuracy:.2f}, toy reward {results[f'iter_{k}']:.3f} "
               f"({time.time() - started:.0f}s)", flush=True)

@@ -296,14 +296,15 @@ def perturb_prompt(prompt: ToyPrompt, rng: random.Random,
 
 
 def render_shifted(prompt: ToyPrompt | str, *, resolution: int = 32, seed: int = 0,
-                   shift: float = 0.5) -> Image.Image:
+                   shift: float = 0.5, low_level: bool = True) -> Image.Image:
     """A systematically imperfect rendering of ``prompt``, for pretraining a toy base model.
 
     ``shift`` in [0, 1] sets how far the distribution is off: with probability ``0.5 * shift``
     the colour is wrong, with ``0.25 * shift`` the shape is wrong; colours are washed out
     towards grey by ``0.35 * shift``, the image is blurred (radius ``shift * resolution / 24``)
     and Gaussian pixel noise of std ``25 * shift`` (0..255 scale) is added. ``shift = 0`` gives
-    :func:`render` exactly.
+    :func:`render` exactly. ``low_level=False`` keeps only the wrong colours and shapes (a
+    crisp image of a wrong prompt), without blur, wash-out or noise.
     """
     if not 0.0 <= shift <= 1.0:
         raise ValueError(f"shift: expected a value in [0, 1], got {shift}")
@@ -314,7 +315,7 @@ def render_shifted(prompt: ToyPrompt | str, *, resolution: int = 32, seed: int =
     if choice_rng.random() < 0.25 * shift:
         toy = perturb_prompt(toy, choice_rng, "shape")
     image = render(toy, resolution=resolution, seed=seed)
-    if shift == 0.0:
+    if shift == 0.0 or not low_level:
         return image
     return low_level_flaws(image, seed=seed, shift=shift)
 
@@ -423,13 +424,15 @@ def write_pickapic_parquet(path: str | Path, n_rows: int, seed: int, resolution:
 
 
 def shifted_rows(n_rows: int, seed: int, resolution: int = 32, shift: float = 0.0,
-                 split: Split = "train") -> list[tuple[str, Image.Image]]:
-    """``n_rows`` (prompt, image) pairs; images from :func:`render_shifted` with ``shift``."""
+                 split: Split = "train", low_level: bool = True) -> list[tuple[str, Image.Image]]:
+    """``n_rows`` (prompt, image) pairs; images from :func:`render_shifted` with ``shift``
+    and ``low_level``."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n_rows):
         prompt = sample_prompt(rng, split)
-        image = render_shifted(prompt, resolution=resolution, seed=rng.getrandbits(31), shift=shift)
+        image = render_shifted(prompt, resolution=resolution, seed=rng.getrandbits(31), shift=shift,
+                               low_level=low_level)
         rows.append((str(prompt), image))
     return rows
 

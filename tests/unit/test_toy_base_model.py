@@ -14,7 +14,15 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from spin_ray.toy.base_model import ASSET_DIR, ASSET_RESOLUTION, BuildRecipe, build_toy_base_model
+from spin_ray.toy.base_model import (
+    ASSET_DIR,
+    ASSET_RESOLUTION,
+    BuildRecipe,
+    build_toy_base_model,
+    finetune_phase,
+    finetune_pretrained,
+    pretrain_phase,
+)
 from spin_ray.toy.reward import ToyScorer
 from spin_ray.toy.world import validation_prompts
 
@@ -58,7 +66,8 @@ def test_shipped_base_draws_the_prompts(shipped):
 
 def test_build_runs_and_loads_through_diffusers(tmp_path):
     """A very short build through the real code path: the saved directory is a pipeline."""
-    recipe = BuildRecipe(vae_steps=2, denoiser_steps=2, batch_size=4, vae_batch_size=4, pool_size=8)
+    recipe = BuildRecipe(vae_steps=2, denoiser_steps=2, finetune_steps=2, batch_size=4, vae_batch_size=4,
+                         pool_size=8)
     out = build_toy_base_model(tmp_path / "base", resolution=16, recipe=recipe)
     pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None, local_files_only=True,
                                                    use_safetensors=True)
@@ -68,3 +77,27 @@ def test_build_runs_and_loads_through_diffusers(tmp_path):
     assert image.size == (16, 16)
     # The latents were rescaled to unit variance (SD's own factor would be 0.18215).
     assert pipe.vae.config.scaling_factor != pytest.approx(0.18215)
+
+
+def test_phase_three_alone_fine_tunes_a_saved_pipeline(tmp_path):
+    """``--finetune-only``: phase 3 on a saved pipeline changes its UNet and saves a pipeline."""
+    recipe = BuildRecipe(vae_steps=1, denoiser_steps=1, finetune_steps=3, batch_size=4, vae_batch_size=4,
+                         pool_size=8)
+    before = build_toy_base_model(tmp_path / "before", resolution=16, recipe=recipe)
+    after = finetune_pretrained(before, tmp_path / "after", resolution=16, recipe=recipe)
+    load = lambda path: StableDiffusionPipeline.from_pretrained(  # noqa: E731
+        str(path), safety_checker=None, local_files_only=True, use_safetensors=True)
+    old, new = load(before).unet.state_dict(), load(after).unet.state_dict()
+    assert old.keys() == new.keys()
+    assert any(not torch.equal(old[name], new[name]) for name in old)
+
+
+def test_phases_draw_from_different_worlds_and_streams():
+    """Phase 2 learns the blurred, washed-out world; phase 3 the crisp one, from its own seeds."""
+    recipe = BuildRecipe()
+    pretrain, finetune = pretrain_phase(recipe), finetune_phase(recipe)
+    assert pretrain.low_level and not finetune.low_level
+    assert pretrain.seed != finetune.seed
+    assert (pretrain.steps, pretrain.lr, pretrain.shift) == (recipe.denoiser_steps, recipe.denoiser_lr, recipe.shift)
+    assert (finetune.steps, finetune.lr, finetune.shift) == (
+        recipe.finetune_steps, recipe.finetune_lr, recipe.finetune_shift)

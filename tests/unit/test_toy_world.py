@@ -126,6 +126,22 @@ def test_shifted_rendering():
         render_shifted(prompt, shift=1.5)
 
 
+def test_crisp_shifted_rendering_is_a_clean_rendering_of_a_possibly_wrong_prompt():
+    """``low_level=False``: no blur, wash-out or noise; each image is exactly ``render`` of the
+    prompt or of a perturbed one, and at shift 1 a good share of them are wrong."""
+    sample = prompts(60, seed=4)
+    wrong = 0
+    for i, prompt in enumerate(sample):
+        crisp = np.asarray(render_shifted(prompt, seed=i, shift=1.0, low_level=False))
+        if np.array_equal(crisp, np.asarray(render(prompt, seed=i))):
+            continue
+        wrong += 1
+        colours = {tuple(c) for c in crisp.reshape(-1, 3)}
+        blurred = {tuple(c) for c in np.asarray(render_shifted(prompt, seed=i, shift=1.0)).reshape(-1, 3)}
+        assert len(colours) < len(blurred)  # anti-aliased edges only, not noise on every pixel
+    assert 0.3 * len(sample) < wrong < 0.9 * len(sample)
+
+
 # ----------------------------------------------------------------------------- data sets
 
 
