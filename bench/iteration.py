@@ -43,7 +43,8 @@ from bench.common import (
 )
 from spin_ray.config import Config, with_overrides
 from spin_ray.diffusion import load_components, save_pipeline
-from spin_ray.generation import PAIR_COLUMNS, GeneratorSpec, OpponentGenerator
+from spin_ray.generation import GeneratorSpec, OpponentGenerator
+from spin_ray.pair_schema import PAIR_COLUMNS
 from spin_ray.pairs import REPEAT_SHIFT
 from spin_ray.rundir import RunDir
 from spin_ray.train_loop import Optimization, StepRunner, TrainState, load_models, run_steps

@@ -56,7 +56,8 @@ from spin_ray.fast_path import (
     resolve_channels_last,
     spin_flops_per_sample,
 )
-from spin_ray.train_step import PairBatch, make_optimizer, spin_batch_loss
+from spin_ray.pair_schema import PairBatch
+from spin_ray.train_step import make_optimizer, spin_batch_loss
 
 MODES = ("precomputed", "online")
 BETA = 2000.0

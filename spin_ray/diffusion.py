@@ -28,7 +28,7 @@ from spin_ray.errors import ModelDirError, ModelError
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 """Subfolders a diffusers Stable Diffusion directory must have (plus ``model_index.json``)."""
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -208,9 +208,21 @@ def _place(module: torch.nn.Module, device: str | torch.device, dtype: torch.dty
     return module
 
 
+def is_hub_id(location: str) -> bool:
+    """Whether ``location`` names a model on the Hugging Face hub rather than a local directory:
+    it is no existing path and has the form ``org/name`` (letters, digits, ``_``, ``.``, ``-``;
+    no ``..`` or ``--``, as the hub requires). A bare name (``my-model``), a deeper path
+    (``runs/x/model``) or one starting with ``.``, ``~`` or ``/`` is a local path, so a missing
+    one is reported as a missing directory rather than as a failed download. The loaders here
+    and the evaluation's model check (:func:`spin_ray.eval_run.resolve_model`) both use it."""
+    if not _HUB_ID.match(location) or ".." in location or "--" in location:
+        return False
+    return not Path(location).expanduser().exists()
+
+
 def _is_local(pretrained: str) -> bool:
-    """A path that exists, or that cannot be a hub id (``org/name``), is a local directory."""
-    return Path(pretrained).expanduser().exists() or not _HUB_ID.match(pretrained)
+    """A path that exists, or that cannot be a hub id, is a local directory."""
+    return not is_hub_id(pretrained)
 
 
 def _local_pipeline_dir(pretrained: str) -> str | None:

@@ -66,7 +66,6 @@ SEED_TAG = 0x5EED_E7A1
 """Separates the evaluation seeds from the training streams of :func:`spin_ray.generation.derive_seed`."""
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -137,11 +136,11 @@ def check_eval_config(eval_cfg: EvalConfig) -> None:
 def resolve_model(name: str, location: str) -> str:
     """``eval.models.<name>`` as the actors should get it: a URL or hub id as is, a local
     diffusers directory as an absolute path (Ray workers may run in another directory)."""
-    if "://" in location:
+    from spin_ray.diffusion import is_hub_id
+
+    if "://" in location or is_hub_id(location):
         return location
     path = Path(location).expanduser()
-    if not path.exists() and _HUB_ID.match(location) and not location.startswith((".", "~")):
-        return location
     if not (path / "model_index.json").is_file():
         raise ConfigError(f"eval.models.{name}: {location} is not a diffusers pipeline directory "
                           "(expected model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")

@@ -28,14 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from spin_ray.opponents import find_batch, write_batch
+from spin_ray.pair_schema import GENERATED_COLUMNS, dtype_of
 
 SAMPLING_STREAM = 0
 NOISE_STREAM = 1
-# Columns of a pair row that the trainer consumes (no strings: iter_torch_batches can't carry them).
-PAIR_COLUMNS = ["sample_id", "noise_seed", "prompt_embeds", "latents_real", "latents_syn",
-                "ref_mse_real", "ref_mse_syn"]
-# What the generator adds to its input rows.
-GENERATED_COLUMNS = ["latents_syn", "noise_seed", "ref_mse_real", "ref_mse_syn", "generated_at"]
 
 
 def derive_seed(run_seed: int, iteration: int, sample_id: int, stream: int) -> int:
@@ -70,11 +66,11 @@ class GeneratorSpec:
 class OpponentGenerator:
     """Ray Data callable class: real rows in, (real, synthetic) pair rows out.
 
-    Input columns: ``sample_id`` (B,) int64, ``prompt`` (B,) str, ``prompt_embeds`` (B, L, D),
-    ``latents_real`` (B, C, h, w). Output adds ``latents_syn`` (B, C, h, w) float32,
-    ``noise_seed`` (B,) int64, ``ref_mse_real``/``ref_mse_syn`` (B,) float32 (NaN when the
-    trainer computes the reference online) and ``generated_at`` (B,) float64 unix time.
-    A batch already in ``spec.opponents_dir`` is returned as stored.
+    Input: the sample table's rows (``sample_id``, ``prompt``, ``prompt_embeds``,
+    ``latents_real``, ...). Output adds :data:`~spin_ray.pair_schema.GENERATED_COLUMNS`
+    (``latents_syn``, ``noise_seed``, ``ref_mse_real``/``ref_mse_syn``, NaN when the trainer
+    computes the reference online, ``generated_at``), with the dtypes and shapes of
+    :mod:`spin_ray.pair_schema`. A batch already in ``spec.opponents_dir`` is returned as stored.
     """
 
     def __init__(self, spec: GeneratorSpec):
@@ -117,12 +113,10 @@ class OpponentGenerator:
                 eta=spec.eta, latent_shape=tuple(latents_real.shape[1:]),
             ).float()
             ref_real, ref_syn = self._reference_errors(latents_real, latents_syn, embeds, noise_seeds)
+        generated = {"latents_syn": latents_syn.cpu().numpy(), "noise_seed": noise_seeds, "ref_mse_real": ref_real,
+                     "ref_mse_syn": ref_syn, "generated_at": np.full(len(sample_ids), time.time())}
         out = dict(batch)
-        out["latents_syn"] = latents_syn.cpu().numpy()
-        out["noise_seed"] = np.asarray(noise_seeds, dtype=np.int64)
-        out["ref_mse_real"] = ref_real
-        out["ref_mse_syn"] = ref_syn
-        out["generated_at"] = np.full(len(sample_ids), time.time())
+        out.update({name: np.asarray(values, dtype=dtype_of(name)) for name, values in generated.items()})
         if spec.opponents_dir:
             write_batch(spec.opponents_dir, out)
         return out
@@ -133,7 +127,7 @@ class OpponentGenerator:
         from spin_ray.train_step import pair_errors
 
         if not self.spec.precompute_reference:
-            nan = np.full(len(noise_seeds), np.nan, dtype=np.float32)
+            nan = np.full(len(noise_seeds), np.nan, dtype=dtype_of("ref_mse_real"))
             return nan, nan.copy()
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             mse_real, mse_syn, _ = pair_errors(

@@ -39,8 +39,6 @@ and evaluation images are 512-1024 px, so this leaves room for any real photogra
 
 DEFAULT_MAX_IMAGE_BYTES: int = DataConfig.max_image_bytes
 """Default ``data.max_image_bytes`` (64 MiB): one encoded image (a parquet cell or a folder's file)."""
-DEFAULT_MAX_ROW_GROUP_BYTES: int = DataConfig.max_row_group_bytes
-"""Default ``data.max_row_group_bytes`` (1 GiB): one parquet row group's read columns, uncompressed."""
 DEFAULT_MAX_PROMPT_FILE_BYTES: int = EvalConfig.max_prompt_file_bytes
 """Default ``eval.max_prompt_file_bytes`` (64 MiB): one prompt file (a parquet file's caption column)."""
 MAX_METADATA_BYTES = 256 << 20

@@ -13,18 +13,19 @@ import math
 
 import numpy as np
 
-from spin_ray.generation import NOISE_STREAM, PAIR_COLUMNS, GeneratorSpec, OpponentGenerator, derive_seed
+from spin_ray.generation import NOISE_STREAM, GeneratorSpec, OpponentGenerator, derive_seed
 from spin_ray.opponents import cached_files
+from spin_ray.pair_schema import PAIR_COLUMNS, SFT_COLUMNS, dtype_of
 
 REPEAT_SHIFT = 32  # sample_id = repeat << 32 | row_id
 
 
 def _with_sample_id(batch: dict[str, np.ndarray], repeat: int) -> dict[str, np.ndarray]:
-    row_id = np.asarray(batch["row_id"], dtype=np.int64)
+    row_id = np.asarray(batch["row_id"], dtype=dtype_of("row_id"))
     if (row_id >= 1 << REPEAT_SHIFT).any() or (row_id < 0).any():
         raise ValueError(f"row_id out of range [0, 2**{REPEAT_SHIFT}): {row_id.min()}..{row_id.max()}")
     out = dict(batch)
-    out["sample_id"] = (np.int64(repeat) << REPEAT_SHIFT) | row_id
+    out["sample_id"] = ((np.int64(repeat) << REPEAT_SHIFT) | row_id).astype(dtype_of("sample_id"), copy=False)
     return out
 
 
@@ -81,7 +82,8 @@ def _without_ids(batch: dict[str, np.ndarray], done_ids: np.ndarray) -> dict[str
 def _with_noise_seed(batch: dict[str, np.ndarray], run_seed: int, iteration: int) -> dict[str, np.ndarray]:
     out = dict(batch)
     out["noise_seed"] = np.asarray(
-        [derive_seed(run_seed, iteration, int(s), NOISE_STREAM) for s in batch["sample_id"]], dtype=np.int64)
+        [derive_seed(run_seed, iteration, int(s), NOISE_STREAM) for s in batch["sample_id"]],
+        dtype=dtype_of("noise_seed"))
     return out
 
 
@@ -123,4 +125,4 @@ def sft_samples(samples, *, run_seed: int, iteration: int):
     """Real-only rows for the SFT baseline: the sample table plus each sample's noise seed."""
     return samples.map_batches(
         _with_noise_seed, fn_kwargs={"run_seed": run_seed, "iteration": iteration}, batch_format="numpy",
-    ).select_columns(["sample_id", "noise_seed", "prompt_embeds", "latents_real"])
+    ).select_columns(SFT_COLUMNS)

@@ -4,8 +4,9 @@ Runs once per run as Ray Data stages: the SFT reader, then an actor pool holding
 frozen VAE and text encoder. The result is written to ``<run_dir>/prepared/`` as parquet
 and marked done, so later iterations and reruns reuse it (docs/DESIGN.md section 3.1).
 
-Output columns: ``row_id`` int64, ``prompt`` str, ``prompt_embeds`` (L, D) float16 (half
-the bytes; cast back to float32 by the consumers), ``latents_real`` (C, h, w) float32.
+Output columns (:mod:`spin_ray.pair_schema`): ``row_id`` int64, ``prompt`` str,
+``prompt_embeds`` (L, D) float16 (half the bytes; cast back to float32 by the consumers),
+``latents_real`` (C, h, w) float32.
 """
 
 from __future__ import annotations

@@ -61,11 +61,6 @@ CONFIG = "config.yaml"
 PREPARED = "prepared"
 BASELINE_SFT = "baseline_sft"
 DONE = "DONE"
-OPPONENTS = "opponents"
-MODEL = "model"
-TRAIN = "train"
-METRICS = "metrics.json"
-EVAL = "eval"
 
 _ITERATION_NAME = re.compile(r"^iter_(\d+)$")
 

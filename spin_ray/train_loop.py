@@ -30,6 +30,8 @@ from typing import Protocol
 
 import torch
 
+from spin_ray.pair_schema import pair_batch
+
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 HISTORY_FILE = "metrics.jsonl"
@@ -180,10 +182,11 @@ class StepRunner:
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     def forward_backward(self, columns: dict[str, torch.Tensor]) -> dict[str, float]:
-        """``columns``: pair rows as the data shard yields them (``PAIR_COLUMNS``, batch B)."""
+        """``columns``: pair rows as the data shard yields them
+        (:data:`~spin_ray.pair_schema.PAIR_COLUMNS`, batch B)."""
         from spin_ray.train_step import sft_batch_loss, spin_batch_loss
 
-        batch = as_pair_batch(columns, online_reference=self.plan.online_reference)
+        batch = pair_batch(columns, online_reference=self.plan.online_reference)
         with self.autocast:
             if self.plan.loss_type == "sft":
                 out = sft_batch_loss(self.model, self.scheduler, batch)
@@ -197,20 +200,6 @@ class StepRunner:
         # summed .grad that of one batch accumulation times as large.
         (out.loss / self.plan.gradient_accumulation_steps).backward()
         return out.metrics()
-
-
-def as_pair_batch(columns: dict[str, torch.Tensor], *, online_reference: bool):
-    """A :class:`~spin_ray.train_step.PairBatch` of the columns: prompt embeddings (B, L, D)
-    to float32 (they travel as float16); with an online reference the precomputed errors
-    are dropped, so the loss computes them with theta_k."""
-    from spin_ray.train_step import PairBatch
-
-    columns = dict(columns)
-    columns["prompt_embeds"] = columns["prompt_embeds"].float()
-    if online_reference:
-        columns.pop("ref_mse_real", None)
-        columns.pop("ref_mse_syn", None)
-    return PairBatch.from_columns(columns)
 
 
 # ----------------------------------------------------------------------------- one optimizer step

@@ -11,41 +11,11 @@ Paper: Yuan et al., "Self-Play Fine-Tuning of Diffusion Models", eq. 4.9 / C.5.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from spin_ray.diffusion import noisy_latents, predict_noise, row_noise_and_timesteps, training_target
 from spin_ray.loss import SftLossOutput, SpinLossOutput, h2_weight, per_sample_mse, sft_loss, spin_loss
-
-
-@dataclass(frozen=True)
-class PairBatch:
-    """A batch of (real, synthetic) pairs as the trainer receives it.
-
-    Shapes: ``latents_real``/``latents_syn`` (B, C, h, w); ``prompt_embeds`` (B, L, D);
-    ``noise_seed`` (B,) int64; ``ref_mse_real``/``ref_mse_syn`` (B,) float32 or None when the
-    reference is computed online.
-    """
-
-    latents_real: torch.Tensor
-    latents_syn: torch.Tensor
-    prompt_embeds: torch.Tensor
-    noise_seed: torch.Tensor
-    ref_mse_real: torch.Tensor | None = None
-    ref_mse_syn: torch.Tensor | None = None
-
-    @classmethod
-    def from_columns(cls, columns: dict[str, torch.Tensor]) -> PairBatch:
-        """Build from the trainer's column dict (as ``iter_torch_batches`` yields it)."""
-        return cls(
-            latents_real=columns["latents_real"],
-            latents_syn=columns.get("latents_syn", columns["latents_real"]),
-            prompt_embeds=columns["prompt_embeds"],
-            noise_seed=columns["noise_seed"],
-            ref_mse_real=columns.get("ref_mse_real"),
-            ref_mse_syn=columns.get("ref_mse_syn"),
-        )
+from spin_ray.pair_schema import PairBatch
 
 
 def pair_errors(

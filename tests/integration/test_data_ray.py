@@ -130,8 +130,9 @@ def opponent_rows(first_id: int, n: int) -> dict:
 def test_fully_cached_opponents_start_no_generator(ray_local, tmp_path):
     """A rerun, or a Tune trial on its iteration's shared opponents, reads the cache only: the
     generator spec points at no model, so a generation actor would fail the read."""
-    from spin_ray.generation import PAIR_COLUMNS, GeneratorSpec
+    from spin_ray.generation import GeneratorSpec
     from spin_ray.opponents import write_batch
+    from spin_ray.pair_schema import PAIR_COLUMNS
     from spin_ray.pairs import spin_pairs
 
     folder = str(tmp_path / "opponents")

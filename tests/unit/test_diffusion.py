@@ -19,6 +19,7 @@ from spin_ray.diffusion import (
     encode_images,
     encode_prompt_ids,
     image_to_tensor,
+    is_hub_id,
     load_components,
     load_unet,
     noisy_latents,
@@ -131,6 +132,40 @@ def test_download_pipeline_returns_local_dirs_and_names_a_missing_hub_id(tiny_pi
     assert download_pipeline(str(tiny_pipeline_dir)) == str(tiny_pipeline_dir)
     with pytest.raises(OSError, match="cannot fetch Stable Diffusion pipeline 'nobody-here/no-such-model'"):
         download_pipeline("nobody-here/no-such-model", local_files_only=True)
+
+
+@pytest.mark.parametrize(("location", "hub"), [
+    ("stable-diffusion-v1-5/stable-diffusion-v1-5", True),
+    ("CompVis/stable-diffusion-v1-4", True),
+    ("org_1/model.v2", True),
+    # The loaders took a bare name for a hub id and the evaluation did not: now neither does.
+    ("my-model", False),
+    ("sd15", False),
+    # Paths, never hub ids.
+    ("runs/missing/iter_1/model", False),
+    ("./org/name", False),
+    ("~/org/name", False),
+    ("/abs/name", False),
+    ("org/..", False),
+    ("org--x/name", False),
+    ("s3://bucket/run/iter_1/model", False),
+    ("", False),
+])
+def test_is_hub_id(location: str, hub: bool, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert is_hub_id(location) is hub
+
+
+def test_an_existing_directory_named_like_a_hub_id_is_local(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    assert not is_hub_id("org/name")
+
+
+def test_a_missing_bare_name_is_a_missing_directory_not_a_failed_download(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="my-model: no such directory"):
+        download_pipeline("my-model", local_files_only=True)
 
 
 # ----------------------------------------------------------------------------- images and prompts

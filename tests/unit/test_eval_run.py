@@ -225,6 +225,9 @@ def test_resolve_model_checks_local_directories_and_passes_hub_ids(tiny_pipeline
         resolve_model("spin", str(tmp_path))
     with pytest.raises(ConfigError, match="eval.models.spin"):
         resolve_model("spin", "runs/missing/iter_1/model")
+    # A bare name is a missing local directory here, as in the loaders (spin_ray.diffusion.is_hub_id).
+    with pytest.raises(ConfigError, match="eval.models.spin: my-model is not a diffusers pipeline directory"):
+        resolve_model("spin", "my-model")
 
 
 # ----------------------------------------------------------------------------- the actors, called directly

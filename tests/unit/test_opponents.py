@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import spin_ray.diffusion
-from spin_ray.generation import GENERATED_COLUMNS, GeneratorSpec, OpponentGenerator
+from spin_ray.generation import GeneratorSpec, OpponentGenerator
 from spin_ray.opponents import find_batch, write_batch
+from spin_ray.pair_schema import GENERATED_COLUMNS, dtype_of
 
 COLUMNS = ["sample_id", "prompt", "latents_syn", "noise_seed"]
 
@@ -65,6 +66,8 @@ def test_generator_reads_back_a_batch_it_already_wrote(tiny_pipeline_dir, tmp_pa
              "latents_real": rng.standard_normal((2, 4, 16, 16)).astype(np.float32)}
     first = generator(batch)
     assert len(list(folder.glob("*.parquet"))) == 1
+    assert {name: str(first[name].dtype) for name in GENERATED_COLUMNS} == {
+        name: dtype_of(name) for name in GENERATED_COLUMNS}, "the generator writes the schema's dtypes"
 
     def no_sampling(*args, **kwargs):
         raise AssertionError("a cached batch was generated again")

@@ -22,13 +22,13 @@ import pytest
 import torch
 from train_helpers import assert_same_tensors, make_plan, optimizer_tensors, pair_rows, weights
 
+from spin_ray.pair_schema import PairBatch, pair_batch
 from spin_ray.train_loop import (
     STATE_FILE,
     NonFiniteError,
     Optimization,
     StepRunner,
     TrainState,
-    as_pair_batch,
     count_nonfinite,
     load_checkpoint,
     on_every_rank,
@@ -36,7 +36,7 @@ from spin_ray.train_loop import (
     run_steps,
     save_checkpoint,
 )
-from spin_ray.train_step import PairBatch, spin_batch_loss
+from spin_ray.train_step import spin_batch_loss
 
 CPU = torch.device("cpu")
 
@@ -220,7 +220,7 @@ def test_an_infinite_loss_with_finite_gradients_is_caught(tiny_components):
     assert_same_tensors(weights(unet), params)
     assert (state.step, state.nonfinite_in_a_row, state.nonfinite_total) == (1, 1, 1)
     assert state.first_batch_time is not None and state.history == [] and recorder.reports == []
-    assert torch.isinf(as_pair_batch(columns, online_reference=plan.online_reference).ref_mse_syn).any()
+    assert torch.isinf(pair_batch(columns, online_reference=plan.online_reference).ref_mse_syn).any()
 
 
 def test_the_step_runner_applies_the_plans_timestep_weighting(tiny_components):
@@ -239,13 +239,6 @@ def test_the_step_runner_applies_the_plans_timestep_weighting(tiny_components):
             for weighting in ("h2", "none"))
     assert loss == pytest.approx(weighted, rel=1e-5)
     assert abs(weighted - unweighted) > 1e-3 * unweighted
-
-
-def test_an_online_reference_drops_the_precomputed_errors(tiny_components):
-    columns = pair_rows(tiny_components, 2)
-    assert as_pair_batch(columns, online_reference=True).ref_mse_syn is None
-    batch = as_pair_batch(columns, online_reference=False)
-    assert batch.prompt_embeds.dtype == torch.float32 and torch.equal(batch.ref_mse_syn, torch.ones(2))
 
 
 # ----------------------------------------------------------------------------- counting and stopping

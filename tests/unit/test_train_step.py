@@ -12,8 +12,8 @@ import torch
 
 from spin_ray.diffusion import encode_prompt_ids, row_noise_and_timesteps, tokenize
 from spin_ray.generation import GeneratorSpec, OpponentGenerator, derive_seed
+from spin_ray.pair_schema import PairBatch
 from spin_ray.train_step import (
-    PairBatch,
     make_lr_scheduler,
     make_optimizer,
     pair_errors,
