@@ -17,7 +17,7 @@ from spin_ray.toy.base_model import ASSET_DIR
 REPO = Path(__file__).resolve().parents[2]
 
 SHORT = [
-    "self_play.iterations=2", "train.steps=3", "train.warmup_steps=1", "train.log_every=1",
+    "self_play.iterations=2", "train.lr=1e-4", "train.steps=3",  # the default's lr is a list of 3 "train.warmup_steps=1", "train.log_every=1",
     "generation.num_inference_steps=4", "generation.batch_size=16",
     "eval.max_prompts=4", "eval.num_images_per_prompt=1", "eval.num_inference_steps=4",
 ]
