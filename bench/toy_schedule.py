@@ -91,11 +91,6 @@ def train(unet, opponent, data, args, steps: int, rng: np.random.Generator, sche
     return float(np.mean(accuracies)) if accuracies else float("nan")
 
 
-def per_iteration(values: list[float], k: int) -> float:
-    """Iteration ``k``'s (1-based) value; the last one repeats, as the config's lists do."""
-    return values[min(k, len(values)) - 1]
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=3)
@@ -114,9 +109,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default=None, help="base pipeline dir (default: the shipped toy base)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for name in ("lr", "beta"):  # one value, or one per iteration as the config's lists
+        values = getattr(args, name)
+        if len(values) not in (1, args.iterations):
+            parser.error(f"--{name}: {len(values)} values for {args.iterations} iterations; give 1 or one per iteration")
+        setattr(args, name, values[0] if len(values) == 1 else values)
 
     from diffusers import StableDiffusionPipeline
 
+    from spin_ray.config import per_iteration
     from spin_ray.toy.base_model import ensure_toy_base_model
     from spin_ray.toy.world import validation_prompts
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"base: toy reward {results['base']:.3f}", flush=True)
     if args.sft:
         sft = copy.deepcopy(base)
-        train(sft, None, data, args, args.steps * args.iterations, rng, pipe.scheduler, lr=args.lr[0])
+        train(sft, None, data, args, args.steps * args.iterations, rng, pipe.scheduler, lr=per_iteration(args.lr, 1))
         results["sft"] = score(pipe, sft, prompts, args.guidance)
         print(f"sft: toy reward {results['sft']:.3f}", flush=True)
     current = base
