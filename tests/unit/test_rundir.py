@@ -80,14 +80,14 @@ def make_model_dir(root: Path) -> Path:
 
 
 def test_paths_and_iteration_names(run_dir: RunDir):
-    assert RunDir.iteration_dir(3) == "iter_3"
+    assert RunDir.iteration(3) == "iter_3"
     assert run_dir.path("iter_3", "model") == run_dir.path("iter_3/model")
     assert run_dir.path("iter_3", "model").endswith("/iter_3/model")
     if not run_dir.is_local:
         assert run_dir.path().split("://")[0] in ("memory", "s3")
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="iteration number must be an int >= 1"):
-            RunDir.iteration_dir(bad)
+            RunDir.iteration(bad)
     with pytest.raises(ValueError, match="without '..'"):
         run_dir.path("iter_1", "..", "..", "elsewhere")
 
@@ -211,7 +211,7 @@ def test_last_done_iteration_counts_the_contiguous_prefix(run_dir: RunDir, caplo
     run_dir.write_bytes_atomic("iter_2/model/weights.bin", b"unfinished")  # no DONE
     run_dir.mark_done("iter_3", {})  # after a gap
     run_dir.mark_done("iter_10", {})  # numeric, not lexicographic, order
-    run_dir.mark_done(rundir_module.BASELINE_SFT, {})
+    run_dir.mark_done(run_dir.baseline("sft"), {})
     with caplog.at_level(logging.WARNING, logger="spin_ray.rundir"):
         assert run_dir.last_done_iteration() == 1
     assert "iterations [3, 10] are DONE but iteration 2 is not" in caplog.text
@@ -317,7 +317,7 @@ def test_local_publish_that_dies_leaves_no_target(tmp_path: Path, monkeypatch: p
     def die(_root: Path) -> None:
         raise OSError("disk vanished")
 
-    monkeypatch.setattr(rundir_module, "_fsync_tree", die)
+    monkeypatch.setattr(rundir_module, "fsync_tree", die)
     with pytest.raises(OSError, match="disk vanished"):
         run.publish_dir(source, "iter_1/model")
     assert not run.exists("iter_1/model")
@@ -367,3 +367,37 @@ def test_parquet_shards_through_arrow_filesystem(run_dir: RunDir):
     assert run_dir.is_done("prepared")
     back = pq.read_table(run_dir.fs_path("prepared/part-00000.parquet"), filesystem=fs)
     assert back.equals(table)
+
+
+# ----------------------------------------------------------------------------- layout (issue 15)
+
+
+def test_layout_names_every_place_of_a_run():
+    layout = RunDir("/tmp/unused-run-dir")
+    assert layout.model(2) == "iter_2/model"
+    assert layout.opponents(1) == "iter_1/opponents"
+    assert layout.baseline("sft") == "baseline_sft"
+    assert layout.stage_train(layout.baseline("sft")) == "baseline_sft/train"
+    assert layout.eval("iter_1") == "eval/iter_1"
+    assert layout.eval("base", prompt_set="parti") == "eval/parti/base"
+    assert layout.sweep_trial(2, "ab12") == "sweep/iter_2/trial_ab12"
+    assert layout.pbt_trial("x", 3) == "sweep/pbt/trial_x/iter_3"
+    assert layout.stage_of_model("sft") == "baseline_sft"
+    assert layout.stage_of_model("spin_iter_4") == "iter_4"
+    assert layout.stage_of_model("base") is None
+    assert layout.model_name("baseline_sft") == "sft" and layout.model_name("iter_3") == "iter_3"
+    with pytest.raises(ValueError, match="plain name"):
+        layout.baseline("a/b")
+
+
+def test_set_aside_moves_a_finished_stage_and_never_overwrites(run_dir: RunDir, caplog: pytest.LogCaptureFixture):
+    run_dir.write_text_atomic("iter_2/model/weights.bin", "theta_2")
+    run_dir.mark_done("iter_2", {})
+    with caplog.at_level(logging.WARNING, logger="spin_ray.rundir"):
+        first = run_dir.set_aside("iter_2", "was trained against another opponent")
+    assert "was trained against another opponent" in caplog.text
+    assert not run_dir.exists("iter_2") and run_dir.read_text(f"{first}/model/weights.bin") == "theta_2"
+    run_dir.mark_done("iter_2", {})
+    second = run_dir.set_aside("iter_2", "again")
+    assert second != first and run_dir.is_done(first) and run_dir.is_done(second)
+    assert run_dir.glob("iter_2.stale-*") == sorted([first, second])
