@@ -7,8 +7,8 @@
   opponents written to parquet), the same training loop (:func:`spin_ray.train_loop.run_steps`
   with the streaming run's plan: ``spin_batch_loss``, AdamW, warm-up/decay, accumulation,
   clipping, non-finite steps) and the same model save;
-- ``two_phase``: :func:`spin_ray.self_play.generate_opponents` for every sample first, then
-  :func:`spin_ray.self_play.run_stage` training on the cached opponents.
+- ``two_phase``: :func:`spin_ray.stages.generate_opponents` for every sample first, then
+  :func:`spin_ray.stages.run_stage` training on the cached opponents.
 
 CPU and tiny model only (on one GPU the actors and the trainer could not both hold a whole
 GPU; the GPU-cluster picture is the scaling model in docs/PERFORMANCE.md). Torch threads: Ray
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 def run_variants(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     """Start Ray, prepare the real table once, then time each variant in turn."""
     from spin_ray.ray_session import ensure_ray
-    from spin_ray.self_play import ensure_prepared
+    from spin_ray.stages import ensure_prepared
     from spin_ray.toy.world import write_pickapic_parquet
 
     model_dir = tiny_pipeline_dir(workdir)
@@ -162,7 +162,7 @@ def run_streaming(cfg: Config, rundir: RunDir, prepared, model_dir: str) -> dict
 
 
 def run_two_phase(cfg: Config, rundir: RunDir, prepared, model_dir: str) -> dict[str, float]:
-    from spin_ray.self_play import generate_opponents, run_stage, samples_per_iteration
+    from spin_ray.stages import generate_opponents, run_stage, samples_per_iteration
 
     n_samples = samples_per_iteration(cfg, ITERATION)
     started = time.perf_counter()
@@ -187,10 +187,10 @@ VARIANT_RUNNERS = {"plain": run_plain, "streaming": run_streaming, "two_phase": 
 def plain_iteration(cfg: Config, rundir: RunDir, prepared_path: str, model_dir: str, out_rel: str = "plain") -> None:
     """The iteration in one process: generate a batch of opponents, train on it, repeat, with
     the trainer's own loop (:func:`spin_ray.train_loop.run_steps`) and the streaming run's plan."""
-    from spin_ray.self_play import _train_plan
+    from spin_ray.stages import train_plan
 
     cpu, g = torch.device("cpu"), cfg.generation
-    plan = _train_plan(cfg, model_dir, ITERATION, "spin")
+    plan = train_plan(cfg, model_dir, ITERATION, "spin")
     generator = OpponentGenerator(GeneratorSpec(
         model_path=model_dir, iteration=ITERATION, run_seed=cfg.seed, num_inference_steps=g.num_inference_steps,
         guidance_scale=g.guidance_scale, eta=g.eta,

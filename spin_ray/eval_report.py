@@ -184,7 +184,7 @@ def training_stage(model: str) -> str | None:
 
 def training_histories(rundir: RunDir, models: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
     """Stage label (``sft``, ``iter_1``, ...) -> the logged training steps (``history`` of
-    ``<stage>/metrics.json``, written by :func:`spin_ray.self_play.run_stage`) of the models
+    ``<stage>/metrics.json``, written by :func:`spin_ray.stages.run_stage`) of the models
     trained in this run dir; SFT first, then the iterations in order. Stages without a
     readable, non-empty history are left out (an evaluation-only run dir has none)."""
     stages = {stage for stage in map(training_stage, models) if stage is not None}

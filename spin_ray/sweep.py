@@ -26,7 +26,7 @@ opponent, with perturbed hyperparameters. The final winner's lineage is publishe
 ``iter_1/model`` ... ``iter_K/model``.
 
 Each trial is a Ray Tune function trainable that builds and fits its own ``TorchTrainer``
-(through :func:`spin_ray.self_play.run_stage`, the Ray Train V2 pattern). Layout::
+(through :func:`spin_ray.stages.run_stage`, the Ray Train V2 pattern). Layout::
 
     <run_dir>/sweep/sweep.json                 the search (to refuse resuming another one)
     <run_dir>/sweep/iter_<k>/opponent.json     theta_{k-1} that the trials played against
@@ -72,7 +72,7 @@ from spin_ray.config import (
     with_overrides,
 )
 from spin_ray.rundir import RunDir, iteration_number
-from spin_ray.self_play import (
+from spin_ray.stages import (
     Prepared,
     ensure_prepared,
     generate_opponents,

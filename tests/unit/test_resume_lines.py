@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import spin_ray.ray_session
-from spin_ray import self_play
+from spin_ray import self_play, stages
 from spin_ray.config import load_config
 from spin_ray.opponents import FILE_PATTERN
 from spin_ray.rundir import RunDir
@@ -35,14 +35,14 @@ def finished(rundir: RunDir, rel: str) -> None:
 @pytest.fixture
 def no_ray(monkeypatch):
     monkeypatch.setattr(spin_ray.ray_session, "ensure_ray", lambda *args, **kwargs: False)
-    monkeypatch.setattr(self_play, "resolve_base_model", lambda cfg, rundir: "/models/base")
+    monkeypatch.setattr(stages, "resolve_base_model", lambda cfg, rundir: "/models/base")
 
 
 def test_rerunning_a_finished_run_says_every_stage_is_reused(tmp_path, no_ray, capsys):
     run_dir = tmp_path / "run"
     rundir = RunDir(run_dir)
-    rundir.mark_done(self_play.PREPARED, {"n_rows": 8})
-    for rel in (self_play.SFT_BASELINE, "iter_1", "iter_2"):
+    rundir.mark_done(RunDir.PREPARED, {"n_rows": 8})
+    for rel in (RunDir.baseline("sft"), "iter_1", "iter_2"):
         finished(rundir, rel)
 
     self_play.run(config(run_dir, **{"self_play.iterations": 2, "self_play.sft_baseline": True}))
@@ -69,14 +69,14 @@ def trainer_stub(monkeypatch):
     def publish(*args):
         raise AssertionError("the published model was published again")
 
-    monkeypatch.setattr(self_play, "_publish_model", publish)
+    monkeypatch.setattr(stages, "_publish_model", publish)
 
 
 def test_an_interrupted_iteration_says_what_it_reuses_and_where_training_resumes(tmp_path, no_ray, trainer_stub,
                                                                                  capsys):
     run_dir = tmp_path / "run"
     rundir = RunDir(run_dir)
-    rundir.mark_done(self_play.PREPARED, {"n_rows": 3})
+    rundir.mark_done(RunDir.PREPARED, {"n_rows": 3})
     opponents = run_dir / "iter_1" / "opponents"
     opponents.mkdir(parents=True)
     for first in (0, 2):  # two of the six generation batches were written before the run died
@@ -109,9 +109,9 @@ def test_a_first_run_says_nothing_about_reuse(tmp_path, no_ray, trainer_stub, mo
         (tmp_path / "theta_1").mkdir()
         rundir.publish_dir(tmp_path / "theta_1", rel)
 
-    monkeypatch.setattr(self_play, "_publish_model", publish)
+    monkeypatch.setattr(stages, "_publish_model", publish)
     run_dir = tmp_path / "run"
-    RunDir(run_dir).mark_done(self_play.PREPARED, {"n_rows": 100})  # the prepare stage stands in for itself
+    RunDir(run_dir).mark_done(RunDir.PREPARED, {"n_rows": 100})  # the prepare stage stands in for itself
 
     self_play.run(config(run_dir, **{"self_play.iterations": 1, "train.steps": 3, "train.batch_size": 2}))
 
@@ -137,7 +137,7 @@ def test_checkpoint_step_is_none_without_a_readable_checkpoint(tmp_path, text):
     (1024, 64, ""),
 ])
 def test_repeat_note(n_rows, n_samples, note):
-    assert self_play._repeat_note(n_rows, n_samples) == note
+    assert stages._repeat_note(n_rows, n_samples) == note
 
 
 @pytest.mark.parametrize(("overrides", "said"), [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from spin_ray.cli import DEFAULT_CONFIG
 from spin_ray.config import load_config
-from spin_ray.self_play import _train_plan, samples_per_iteration, sft_baseline_steps
+from spin_ray.stages import samples_per_iteration, sft_baseline_steps, train_plan
 
 
 def test_sft_baseline_steps_sum_the_iterations():
@@ -17,6 +17,6 @@ def test_sft_baseline_steps_sum_the_iterations():
 
 def test_sft_plan_uses_the_summed_steps_and_iteration_one_lr():
     cfg = load_config(DEFAULT_CONFIG, ["self_play.iterations=2", "train.steps=7", "train.lr=[0.001,0.0001]"])
-    plan = _train_plan(cfg, "model", 1, "sft", sft_baseline_steps(cfg))
+    plan = train_plan(cfg, "model", 1, "sft", sft_baseline_steps(cfg))
     assert (plan.steps, plan.lr, plan.loss_type) == (14, 0.001, "sft")
-    assert _train_plan(cfg, "model", 2, "spin").steps == 7
+    assert train_plan(cfg, "model", 2, "spin").steps == 7

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import spin_ray.ray_session
-from spin_ray import self_play, sweep
+from spin_ray import self_play, stages, sweep
 from spin_ray.config import load_config
 from spin_ray.rundir import RunDir
 from spin_ray.sweep_resume import SWEEP_DIR
@@ -36,7 +36,7 @@ def finished_iteration(rundir: RunDir, rel: str, weights: str) -> None:
 
 
 @pytest.fixture
-def stages(monkeypatch):
+def trained(monkeypatch):
     """self_play.run's stages replaced; returns the (rel, opponent) of every stage that trained."""
     trained: list[tuple[str, str]] = []
 
@@ -48,14 +48,14 @@ def stages(monkeypatch):
         return rundir.local_copy(f"{rel}/model")
 
     monkeypatch.setattr(spin_ray.ray_session, "ensure_ray", lambda *args, **kwargs: False)
-    monkeypatch.setattr(self_play, "resolve_base_model", lambda cfg, rundir: "/models/base")
-    monkeypatch.setattr(self_play, "ensure_prepared",
-                        lambda cfg, rundir, base_model: self_play.Prepared(path="prepared", n_rows=1))
-    monkeypatch.setattr(self_play, "run_stage", run_stage)
+    monkeypatch.setattr(stages, "resolve_base_model", lambda cfg, rundir: "/models/base")
+    monkeypatch.setattr(stages, "ensure_prepared",
+                        lambda cfg, rundir, base_model: stages.Prepared(path="prepared", n_rows=1))
+    monkeypatch.setattr(stages, "run_stage", run_stage)
     return trained
 
 
-def test_a_finished_iteration_after_an_unfinished_one_is_set_aside_and_trained_again(tmp_path, stages):
+def test_a_finished_iteration_after_an_unfinished_one_is_set_aside_and_trained_again(tmp_path, trained):
     run_dir = tmp_path / "run"
     rundir = RunDir(run_dir)
     rundir.write_text_atomic("iter_1/model/weights.txt", "half written")  # iteration 1 never finished
@@ -64,7 +64,7 @@ def test_a_finished_iteration_after_an_unfinished_one_is_set_aside_and_trained_a
     result = self_play.run(load_config(None, [f"run_dir={run_dir}", "self_play.iterations=2"]))
 
     theta_1 = str(run_dir / "iter_1" / "model")
-    assert stages == [("iter_1", "/models/base"), ("iter_2", theta_1)]
+    assert trained == [("iter_1", "/models/base"), ("iter_2", theta_1)]
     assert (run_dir / "iter_2/model/weights.txt").read_text() == f"iter_2 trained against {theta_1}"
     (aside,) = stale_names(run_dir, "iter_2")
     assert (run_dir / aside / "model/weights.txt").read_text() == "against the old theta_1"  # kept, not deleted
@@ -73,7 +73,7 @@ def test_a_finished_iteration_after_an_unfinished_one_is_set_aside_and_trained_a
     assert stale_names(run_dir, "iter_1") == []
 
 
-def test_finished_iterations_in_order_are_reused_and_nothing_is_set_aside(tmp_path, stages):
+def test_finished_iterations_in_order_are_reused_and_nothing_is_set_aside(tmp_path, trained):
     run_dir = tmp_path / "run"
     rundir = RunDir(run_dir)
     finished_iteration(rundir, "iter_1", "theta_1")
@@ -81,29 +81,10 @@ def test_finished_iterations_in_order_are_reused_and_nothing_is_set_aside(tmp_pa
 
     self_play.run(load_config(None, [f"run_dir={run_dir}", "self_play.iterations=3"]))
 
-    assert stages == [("iter_3", str(run_dir / "iter_2" / "model"))]
+    assert trained == [("iter_3", str(run_dir / "iter_2" / "model"))]
     assert (run_dir / "iter_1/model/weights.txt").read_text() == "theta_1"
     assert (run_dir / "iter_2/model/weights.txt").read_text() == "theta_2"
     assert [p.name for p in run_dir.iterdir() if ".stale-" in p.name] == []
-
-
-@pytest.mark.parametrize("store", ["local", "memory"])
-def test_set_aside_stale_moves_only_a_finished_iteration(tmp_path, store):
-    rundir = RunDir(tmp_path / "run" if store == "local" else f"memory://stale-{uuid.uuid4().hex[:8]}")
-    finished_iteration(rundir, "iter_2", "theta_2")
-    rundir.write_text_atomic("iter_3/model/weights.txt", "unfinished")
-
-    self_play._set_aside_stale(rundir, "iter_2")
-    self_play._set_aside_stale(rundir, "iter_3")
-
-    assert not rundir.exists("iter_2")
-    moved = [name for name in (p.rstrip("/").rsplit("/", 1)[-1] for p in rundir.fs.ls(rundir.fs_path(), detail=False))
-             if re.fullmatch(r"iter_2\.stale-\d+", name)]
-    assert len(moved) == 1
-    assert rundir.read_text(f"{moved[0]}/model/weights.txt") == "theta_2" and rundir.is_done(moved[0])
-    assert rundir.read_text("iter_3/model/weights.txt") == "unfinished"  # not finished: left for resuming
-    if store == "memory":
-        rundir.fs.rm(rundir.fs_path(), recursive=True)
 
 
 # ----------------------------------------------------------------------------- sweep._set_aside_if_stale
