@@ -8,20 +8,16 @@ whose keys are dotted paths (``loss.beta=[2000,5000]``, ``train.lr=1e-5``).
 Per-iteration hyperparameters (``loss.beta``, ``train.lr``, ``train.steps``) accept a
 scalar (the same value every iteration) or a list with one value per self-play iteration;
 read them with :func:`per_iteration`.
+
+This module is the schema: the dataclasses and their documented fields. Loading and
+overrides live in :mod:`spin_ray.config_load`, the type and range checks in
+:mod:`spin_ray.config_validate`; the loading functions are importable from here as well.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
-
-import yaml
 
 from spin_ray.errors import UserError
 
@@ -262,136 +258,6 @@ def per_iteration(value: Any, iteration: int) -> Any:
     return value
 
 
-# ----------------------------------------------------------------------------- building
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _type_name(tp: Any) -> str:
-    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as err:
-                errors.append(err)
-        raise ConfigError(f"{key}: {value!r} is not a {_type_name(tp)}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{key}: expected null, got {value!r}")
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        choices = ", ".join(repr(c) for c in typing.get_args(tp))
-        raise ConfigError(f"{key}: {value!r} is not one of {choices}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        key_tp, val_tp = typing.get_args(tp)
-        return {_coerce(k, key_tp, key): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads "1e-5" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-
-
-def _build(cls: type, values: Any, prefix: str) -> Any:
-    where = prefix or "config"
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {values!r}")
-    types_by_name = _field_types(cls)
-    for name in values:
-        if name not in types_by_name:
-            raise ConfigError(_unknown_key_message(name, list(types_by_name), prefix))
-    kwargs = {name: _coerce(v, types_by_name[name], _join(prefix, name)) for name, v in values.items()}
-    return cls(**kwargs)
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _unknown_key_message(name: str, known: list[str], prefix: str) -> str:
-    message = f"unknown config key {_join(prefix, name)!r}"
-    close = difflib.get_close_matches(str(name), known, n=1)
-    if close:
-        message += f"; did you mean {_join(prefix, close[0])!r}?"
-    else:
-        message += f"; valid keys here: {', '.join(sorted(known))}"
-    return message
-
-
-def _validate(cfg: Config) -> Config:
-    k = cfg.self_play.iterations
-    if k < 1:
-        raise ConfigError(f"self_play.iterations: must be >= 1, got {k}")
-    for key in PER_ITERATION_KEYS:
-        value = get_by_path(cfg, key)
-        if isinstance(value, list) and len(value) != k:
-            raise ConfigError(
-                f"{key}: has {len(value)} values but self_play.iterations is {k}; "
-                "give one value per iteration or a single scalar"
-            )
-        for v in value if isinstance(value, list) else [value]:
-            if v <= 0:
-                raise ConfigError(f"{key}: must be positive, got {v}")
-    positive = [
-        "model.resolution", "generation.num_inference_steps", "generation.batch_size",
-        "generation.num_actors", "train.batch_size", "train.gradient_accumulation_steps",
-        "train.num_workers", "train.log_every", "data.prepare_batch_size",
-        "data.prepare_num_actors", "eval.num_images_per_prompt", "eval.batch_size",
-        "eval.num_inference_steps", "train.max_nonfinite_steps", "eval.num_actors",
-        "data.max_image_bytes", "data.max_row_group_bytes", "eval.max_prompt_file_bytes",
-    ]
-    for key in positive:
-        if get_by_path(cfg, key) < 1:
-            raise ConfigError(f"{key}: must be >= 1, got {get_by_path(cfg, key)}")
-    if cfg.model.resolution % 8:
-        raise ConfigError(f"model.resolution: must be a multiple of 8, got {cfg.model.resolution}")
-    for key in ["train.warmup_steps", "train.checkpoint_every", "train.max_grad_norm",
-                "generation.gpus_per_actor", "data.prepare_gpus_per_actor", "generation.eta",
-                "train.max_failures"]:
-        if get_by_path(cfg, key) < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {get_by_path(cfg, key)}")
-    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
-        raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {cfg.data.max_bad_fraction}")
-    if cfg.generation.guidance_scale < 1.0:
-        raise ConfigError(f"generation.guidance_scale: must be >= 1, got {cfg.generation.guidance_scale}")
-    if not cfg.data.path and cfg.model.pretrained != "toy":
-        raise ConfigError("data.path: required unless model.pretrained is 'toy' (the embedded toy world)")
-    return cfg
-
-
 def get_by_path(cfg: Any, dotted: str) -> Any:
     """``get_by_path(cfg, "train.lr")`` -> ``cfg.train.lr``."""
     value = cfg
@@ -400,156 +266,20 @@ def get_by_path(cfg: Any, dotted: str) -> Any:
     return value
 
 
-# ----------------------------------------------------------------------------- public API
+# ----------------------------------------------------------------------------- loading (re-exported)
+
+# ``from spin_ray.config import load_config`` (and every other name of spin_ray.config_load's
+# __all__) keeps working: the name is fetched from spin_ray.config_load on first use (PEP 562).
+# spin_ray.config_load imports the classes above, so importing it here eagerly would be a cycle
+# that breaks whenever spin_ray.config_load is the first of the two to be imported.
 
 
-def from_dict(values: dict[str, Any]) -> Config:
-    """Build and validate a :class:`Config` from a nested mapping (security checks included:
-    :mod:`spin_ray.config_security`)."""
-    from spin_ray.config_security import check_config_security  # it imports ConfigError from here
+def __getattr__(name: str) -> Any:
+    """A public name of :mod:`spin_ray.config_load`, imported on first use and then kept here."""
+    if not name.startswith("_"):
+        from spin_ray import config_load
 
-    cfg = _validate(_build(Config, values, ""))
-    check_config_security(to_dict(cfg))
-    return cfg
-
-
-def to_dict(cfg: Config) -> dict[str, Any]:
-    """The config as plain nested dicts and lists (YAML-ready)."""
-    return dataclasses.asdict(cfg)
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"train.lr=1e-5"`` -> ``("train.lr", 1e-5)``; the value is parsed as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.lr=1e-5")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"override {text!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:  # e.g. "train.lr=[1," : one line, not a traceback
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({' '.join(str(err).split())})") from None
-    return key, value
-
-
-def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set each dotted ``key=value`` in a nested mapping (a copy); unknown keys fail."""
-    result = _deep_copy(values)
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_path(result, key, value)
-    return result
-
-
-def _deep_copy(values: Any) -> Any:
-    if isinstance(values, dict):
-        return {k: _deep_copy(v) for k, v in values.items()}
-    if isinstance(values, list):
-        return [_deep_copy(v) for v in values]
-    return values
-
-
-def _set_path(values: dict[str, Any], dotted: str, value: Any) -> None:
-    cls: Any = Config
-    node = values
-    parts = dotted.split(".")
-    for depth, part in enumerate(parts):
-        prefix = ".".join(parts[:depth])
-        known = _field_types(cls)
-        if part not in known:
-            raise ConfigError(_unknown_key_message(part, list(known), prefix))
-        if depth == len(parts) - 1:
-            node[part] = value
-            return
-        cls = known[part]
-        if not dataclasses.is_dataclass(cls):
-            raise ConfigError(f"{'.'.join(parts[:depth + 1])} is not a section; cannot set {dotted!r}")
-        node = node.setdefault(part, {})
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; errors name the file."""
-    path = Path(path)
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read config file ({err.strerror})") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML: {err}") from err
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(values).__name__}")
-    return values
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load ``path`` (or the defaults), apply ``key=value`` overrides, validate."""
-    values = load_yaml(path) if path is not None else {}
-    if "sweep" in values:
-        raise ConfigError(f"{path}: has a top-level 'sweep:' section, so it is a sweep config: "
-                          f"run it with python jobs/sweep.py --config {path}")
-    return build_config(values, overrides or [], source=path)
-
-
-COMMAND_LINE = "command line"
-"""How an error names the ``key=value`` overrides as the source of a bad value."""
-
-
-def build_config(values: dict[str, Any], overrides: list[str], source: str | Path | None) -> Config:
-    """:func:`from_dict` of the file's ``values`` with ``overrides`` applied; an error names
-    where the bad value came from: ``command line`` or the file ``source``."""
-    try:
-        merged = apply_overrides(values, overrides)
-        for text in overrides:  # type errors of an override are the command line's own
-            key, value = parse_override(text)
-            _coerce(value, _type_at(key), key)
-    except ConfigError as err:
-        raise ConfigError(f"{COMMAND_LINE}: {err}") from None
-    try:
-        return from_dict(merged)
-    except ConfigError as err:
-        raise blame(err, source, overrides, lambda: from_dict(values)) from None
-
-
-def blame(err: ConfigError, source: str | Path | None, overrides: Sequence[str],
-          file_alone: Callable[[], object]) -> ConfigError:
-    """``err`` prefixed with its origin: the file ``source`` if the file alone (``file_alone``
-    builds it) fails the same way, else the command line (its overrides caused it)."""
-    if source is not None and (not overrides or _fails_with(file_alone, str(err))):
-        return ConfigError(f"{source}: {err}")
-    return ConfigError(f"{COMMAND_LINE}: {err}")
-
-
-def _fails_with(build: Callable[[], object], message: str) -> bool:
-    try:
-        build()
-    except ConfigError as other:
-        return str(other) == message
-    return False
-
-
-def _type_at(dotted: str) -> Any:
-    """The annotation of the dotted key (checked to exist by :func:`apply_overrides`)."""
-    tp: Any = Config
-    for part in dotted.split("."):
-        tp = _field_types(tp)[part]
-    return tp
-
-
-def dump_config(cfg: Config) -> str:
-    """The resolved config as YAML; ``load_config`` of it gives back ``cfg``."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def replace(cfg: Any, **changes: Any) -> Any:
-    """``dataclasses.replace`` that validates a whole :class:`Config` again."""
-    new = dataclasses.replace(cfg, **changes)
-    return _validate(new) if isinstance(new, Config) else new
-
-
-def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """A copy of ``cfg`` with dotted-key overrides (values already typed), validated."""
-    values = to_dict(cfg)
-    for key, value in overrides.items():
-        _set_path(values, key, value)
-    return from_dict(values)
+        if name in config_load.__all__:
+            value = globals()[name] = getattr(config_load, name)
+            return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

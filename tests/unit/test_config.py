@@ -1,9 +1,13 @@
 """Config loading, overrides, validation messages and the YAML round trip."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+import spin_ray.config
+import spin_ray.config_load
 from spin_ray.config import (
     Config,
     ConfigError,
@@ -174,3 +178,16 @@ def test_unreadable_or_non_mapping_file(tmp_path):
 def test_a_sweep_config_given_to_a_plain_job_points_to_jobs_sweep():
     with pytest.raises(ConfigError, match=r"sweep config: run it with python jobs/sweep.py"):
         load_config(REPO / "configs" / "sweep_beta.yaml")
+
+
+def test_the_loading_functions_stay_importable_from_spin_ray_config():
+    for name in spin_ray.config_load.__all__:
+        assert getattr(spin_ray.config, name) is getattr(spin_ray.config_load, name)
+    with pytest.raises(AttributeError):
+        spin_ray.config.no_such_name  # noqa: B018
+
+
+@pytest.mark.parametrize("first", ["spin_ray.config", "spin_ray.config_load", "spin_ray.config_validate"])
+def test_config_modules_import_in_any_order(first):
+    code = f"import {first}; from spin_ray.config import load_config; load_config(None)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
