@@ -12,6 +12,8 @@ import uuid
 
 import numpy as np
 
+from spin_ray.rundir import RunDir
+
 FILE_PATTERN = "part-{first_id:020d}-{uid}.parquet"
 
 
@@ -21,7 +23,6 @@ def write_batch(opponents_dir: str, batch: dict[str, np.ndarray]) -> str:
     Returns the file's path. Tensor columns use Ray's Arrow tensor type, so
     ``ray.data.read_parquet`` gives them back as arrays of their original shape.
     """
-    import fsspec
     import pyarrow as pa
     import pyarrow.parquet as pq
     from ray.data.extensions import ArrowTensorArray
@@ -30,16 +31,11 @@ def write_batch(opponents_dir: str, batch: dict[str, np.ndarray]) -> str:
     for name, values in batch.items():
         values = np.asarray(values)
         columns[name] = ArrowTensorArray.from_numpy(values) if values.ndim > 1 else pa.array(values)
-    table = pa.table(columns)
-    fs, root = fsspec.core.url_to_fs(opponents_dir)
-    fs.makedirs(root, exist_ok=True)
+    store = RunDir(opponents_dir)
     name = FILE_PATTERN.format(first_id=int(np.min(batch["sample_id"])), uid=uuid.uuid4().hex[:8])
-    final = f"{root.rstrip('/')}/{name}"
-    tmp = f"{root.rstrip('/')}/.{name}.tmp"  # not *.parquet: readers never pick up a partial file
-    with fs.open(tmp, "wb") as handle:
-        pq.write_table(table, handle)
-    fs.mv(tmp, final)
-    return final
+    with store.open_atomic(name) as handle:  # a temp name that is not *.parquet, then a rename (or one PUT)
+        pq.write_table(pa.table(columns), handle)
+    return store.path(name)
 
 
 def cached_files(opponents_dir: str) -> tuple[list[str], np.ndarray]:
@@ -49,23 +45,22 @@ def cached_files(opponents_dir: str) -> tuple[list[str], np.ndarray]:
     earlier one are left out, so every sample is read once. A file with an extension-typed
     column other than the tensors we write raises (:mod:`spin_ray.safe_parquet`).
     """
-    import fsspec
     import pyarrow.parquet as pq
 
     from spin_ray.safe_parquet import check_schema
 
-    fs, root = fsspec.core.url_to_fs(opponents_dir)
-    if not fs.exists(root):
+    store = RunDir(opponents_dir)
+    if not store.exists(""):
         return [], np.zeros(0, dtype=np.int64)
     files, seen = [], set()
-    for path in sorted(fs.glob(f"{root.rstrip('/')}/*.parquet")):
-        with fs.open(path, "rb") as handle, pq.ParquetFile(handle) as parquet:
-            check_schema(parquet.schema_arrow, path)  # every column: the file goes to read_parquet whole
+    for rel in store.glob("*.parquet"):
+        with store.open_read(rel) as handle, pq.ParquetFile(handle) as parquet:
+            check_schema(parquet.schema_arrow, store.path(rel))  # every column: the file goes to read_parquet whole
             ids = set(parquet.read(columns=["sample_id"]).column("sample_id").to_pylist())
         if ids & seen:
             continue
         seen |= ids
-        files.append(path if "://" not in opponents_dir else f"{opponents_dir.split('://')[0]}://{path}")
+        files.append(store.path(rel))
     return files, np.asarray(sorted(seen), dtype=np.int64)
 
 
@@ -78,19 +73,18 @@ def find_batch(opponents_dir: str, sample_ids: np.ndarray, columns: list[str]) -
     one with an extension-typed column is no damaged batch but a file we never write, and
     raises :class:`spin_ray.safe_parquet.UnsafeParquetError` before any value is read.
     """
-    import fsspec
     import pyarrow as pa
     from ray.data.block import BlockAccessor
 
     from spin_ray.safe_parquet import UnsafeParquetError, read_table_checked
 
     sample_ids = np.asarray(sample_ids, dtype=np.int64)
-    fs, root = fsspec.core.url_to_fs(opponents_dir)
+    store = RunDir(opponents_dir)
     prefix = FILE_PATTERN.format(first_id=int(sample_ids.min()), uid="")[:-len(".parquet")]
-    for path in sorted(fs.glob(f"{root.rstrip('/')}/{prefix}*.parquet")):
+    for rel in store.glob(f"{prefix}*.parquet"):
         try:
-            with fs.open(path, "rb") as handle:
-                table = read_table_checked(handle, columns, where=path)
+            with store.open_read(rel) as handle:
+                table = read_table_checked(handle, columns, where=store.path(rel))
         except UnsafeParquetError:  # not a damaged batch but a file we never write: stop, do not skip it
             raise
         except (OSError, ValueError, pa.ArrowException):

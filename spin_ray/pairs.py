@@ -43,22 +43,21 @@ def read_prepared(prepared_path: str):
     files are schema-checked first (:mod:`spin_ray.safe_parquet`): their blocks are converted
     on Ray workers, where an extension-typed column would run its Python code.
     """
-    import fsspec
     import pyarrow as pa
     import ray.data
 
+    from spin_ray.rundir import RunDir
     from spin_ray.safe_parquet import read_table_checked
 
-    fs, root = fsspec.core.url_to_fs(prepared_path)
-    files = [root] if fs.isfile(root) else sorted(
-        path for path in fs.find(root)
-        if path.endswith(".parquet") and not path.rsplit("/", 1)[-1].startswith((".", "_")))
-    if sum(fs.size(path) for path in files) > IN_MEMORY_TABLE_BYTES:
+    store = RunDir(prepared_path)
+    files = [""] if store.is_file("") else [
+        rel for rel in store.find() if rel.endswith(".parquet") and not rel.rsplit("/", 1)[-1].startswith((".", "_"))]
+    if sum(store.size(rel) for rel in files) > IN_MEMORY_TABLE_BYTES:
         return ray.data.read_parquet(prepared_path, file_extensions=["parquet"])
     tables = []
-    for path in files:
-        with fs.open(path, "rb") as handle:
-            tables.append(read_table_checked(handle, where=path))
+    for rel in files:
+        with store.open_read(rel) as handle:
+            tables.append(read_table_checked(handle, where=store.path(rel)))
     return ray.data.from_arrow(pa.concat_tables(tables))
 
 

@@ -154,6 +154,12 @@ class RunDir(RunLayout):
         found = self.fs.glob(self.fs_path(pattern))
         return sorted(path[len(root):] if path.startswith(root) else path for path in found)
 
+    def find(self, rel: str = "") -> list[str]:
+        """Run-dir-relative paths of every file under ``rel``, sorted."""
+        self.fs.invalidate_cache(self.root)
+        root = self.root.rstrip("/") + "/"
+        return sorted(path[len(root):] for path in self.fs.find(self.fs_path(rel)) if path.startswith(root))
+
     def is_file(self, rel: str) -> bool:
         return bool(self.fs.isfile(self.fs_path(rel)))
 

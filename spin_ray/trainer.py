@@ -165,32 +165,30 @@ def set_aside_unreadable_snapshot(storage_path: str, name: str) -> str | None:
     the same name would fail on it. Without it, training starts over from step 0 (the cached
     opponents are still reused); the file is kept, renamed, for inspection.
     """
-    import fsspec
+    from spin_ray.rundir import RunDir
 
-    fs, root = fsspec.core.url_to_fs(storage_path)
-    path = f"{root.rstrip('/')}/{name}/{RAY_SNAPSHOT_FILE}"
-    if not fs.exists(path):
+    storage, rel = RunDir(storage_path), f"{name}/{RAY_SNAPSHOT_FILE}"
+    if not storage.exists(rel):
         return None
     try:
-        json.loads(fs.cat_file(path))
+        json.loads(storage.read_text(rel))
         return None
     except ValueError as err:  # JSONDecodeError and UnicodeDecodeError alike
-        aside = f"{path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
-        fs.mv(path, aside)
-        print(f"Ray Train's checkpoint snapshot {path} is unreadable ({err}); moved it to {aside}: "
-              "this training starts over", flush=True)
-        return aside
+        aside = f"{rel}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+        storage.move(rel, aside)
+        print(f"Ray Train's checkpoint snapshot {storage.path(rel)} is unreadable ({err}); moved it to "
+              f"{storage.path(aside)}: this training starts over", flush=True)
+        return storage.path(aside)
 
 
 def checkpoint_step(storage_path: str, name: str) -> int | None:
     """The step of the checkpoint that a :func:`fit` with this ``name`` and ``storage_path``
     resumes from (Ray Train's snapshot, read on the driver), or None: no checkpoint yet, or a
     snapshot that does not parse (:func:`set_aside_unreadable_snapshot` then says so)."""
-    import fsspec
+    from spin_ray.rundir import RunDir
 
-    fs, root = fsspec.core.url_to_fs(storage_path)
     try:
-        latest = json.loads(fs.cat_file(f"{root.rstrip('/')}/{name}/{RAY_SNAPSHOT_FILE}"))["latest_checkpoint_result"]
+        latest = json.loads(RunDir(storage_path).read_text(f"{name}/{RAY_SNAPSHOT_FILE}"))["latest_checkpoint_result"]
         return int(latest["metrics"]["step"])
     except (OSError, ValueError, KeyError, TypeError):  # no file, not JSON, no checkpoint (null) or no step
         return None
