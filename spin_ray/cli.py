@@ -35,6 +35,9 @@ def build_parser(description: str, *, config_help: str | None = None, overrides_
                         help="print the resolved config (file and overrides) as YAML and exit")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of errors that are otherwise one line (config, data, model, storage)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's, its workers' and the actors' own output on the console too (it goes to "
+                             "Ray's log files otherwise; the run prints where)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help=overrides_help or "dotted config keys, e.g. loss.beta=[2000,5000] train.lr=1e-5; "
                                                "the keys are listed below")
@@ -61,12 +64,16 @@ def run_job(job: Callable[[Config], object], argv: Sequence[str] | None = None, 
         job(cfg)
         return 0
 
-    return guarded(main, debug=args.debug)
+    return guarded(main, debug=args.debug, verbose=args.verbose)
 
 
-def guarded(main: Callable[[], int], *, debug: bool = False) -> int:
+def guarded(main: Callable[[], int], *, debug: bool = False, verbose: bool = False) -> int:
     """Run ``main``; a :class:`~spin_ray.errors.UserError` (also wrapped by Ray) becomes one
-    line on stderr and exit code 2, unless ``debug`` (then it propagates with its traceback)."""
+    line on stderr and exit code 2, unless ``debug`` (then it propagates with its traceback).
+    ``verbose`` lets Ray's own output through to the console (:mod:`spin_ray.ray_session`)."""
+    from spin_ray.ray_session import set_verbose
+
+    set_verbose(verbose)
     try:
         return main()
     except Exception as err:

@@ -1,8 +1,15 @@
-"""Connecting to Ray: join the cluster we run on, or start a private local instance."""
+"""Connecting to Ray: join the cluster we run on, or start a private local instance.
+
+Quiet by default (issue 14): the console shows spin-ray's own lines; Ray's, its workers' and
+the actors' output stays in Ray's log files, whose place :func:`ensure_ray` prints once.
+``--verbose`` (:func:`set_verbose`) brings that output back to the console.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 import sys
 
 LOCAL_ENV = {
@@ -16,33 +23,102 @@ LOCAL_ENV = {
 """Settings of a private local instance (docs/PERFORMANCE.md); the environment overrides each.
 Clusters keep Ray's defaults."""
 
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+"""Where Ray's state API (used by Ray Train's own actors) finds the dashboard's API server."""
+
+_settings = {"verbose": False}
+
+
+def set_verbose(verbose: bool) -> None:
+    """Whether Ray's and the workers' own output reaches the console (``--verbose``)."""
+    _settings["verbose"] = bool(verbose)
+
+
+def is_verbose() -> bool:
+    return _settings["verbose"]
+
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool:
     """Make sure Ray is initialised; returns True when this call started a local instance.
 
     ``address`` (or ``RAY_ADDRESS``, which ``ray job submit`` sets) joins that cluster.
-    Without either, or with ``address="local"``, a private local instance starts with the
-    dashboard off: nothing listens beyond this machine. Its logical CPU count is at least 4
-    so that the generation actors, the training workers and the read tasks can be scheduled
-    together on a 2-core laptop (torch in each Ray worker uses one thread), with the
-    settings of :data:`LOCAL_ENV`.
+    Without either, or with ``address="local"``, a private local instance starts whose
+    dashboard listens on loopback only (nothing listens beyond this machine). Its logical CPU
+    count is at least 4 so that the generation actors, the training workers and the read
+    tasks can be scheduled together on a 2-core laptop (torch in each Ray worker uses one
+    thread), with the settings of :data:`LOCAL_ENV`.
     """
     import ray
 
     if ray.is_initialized():
         return False
+    verbose = is_verbose()
     log_data_progress_as_lines()
+    quiet = {} if verbose else {"logging_level": logging.WARNING}
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=verbose, **quiet)
+        _after_init(verbose)
         return False
     # Set in this process (Ray Data may plan a read here) and so in the local Ray's
     # processes, which inherit this environment.
     for name, value in LOCAL_ENV.items():
         os.environ.setdefault(name, value)
     cpus = num_cpus or max(4, os.cpu_count() or 1)
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    port = free_loopback_port()
+    # Ray Train's PlacementGroupCleaner asks the state API whether the controller lives. The
+    # state API needs the dashboard's API server, and without an address it looks for "the"
+    # Ray instance on this machine: with the dashboard off it fails every second ("Failed to
+    # query Ray Train Controller actor state"), and with another Ray running (a notebook, a
+    # second job) it raises "Found multiple active Ray instances". So the private instance
+    # runs its dashboard on loopback and tells its processes, which inherit this environment,
+    # where it is.
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, log_to_driver=verbose, **quiet)
+    _after_init(verbose)
     return True
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _after_init(verbose: bool) -> None:
+    """Quiet the driver's own Ray loggers and say once where Ray's output went."""
+    if verbose:
+        return
+    import diffusers.utils.logging
+    import transformers.utils.logging
+    from ray.data import DataContext
+    from ray.util.debug import log_once
+
+    # spin-ray shows its own progress (spin_ray.progress); Ray Data's bars and per-operator
+    # log lines, and the loading and saving bars of diffusers and transformers, are not wanted.
+    DataContext.get_current().enable_progress_bars = False
+    log_once("ray_data_progress_manager_disabled")  # switched off on purpose: no warning that it is
+    for name in ("ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    where = ray_logs_dir()
+    if where:
+        print(f"Ray's own output (workers, actors, Ray Data and Ray Train logs) goes to {where}; "
+              "--verbose shows it here", flush=True)
+
+
+def ray_logs_dir() -> str | None:
+    """The log directory of the Ray session this process is connected to (on this node), or
+    None when Ray does not say (a private attribute: its absence only loses the hint)."""
+    try:
+        import ray._private.worker
+
+        return ray._private.worker.global_worker.node.get_logs_dir_path()
+    except (AttributeError, ImportError):
+        return None
 
 
 def log_data_progress_as_lines() -> None:

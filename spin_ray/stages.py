@@ -186,26 +186,17 @@ def run_stage(cfg: Config, rundir: RunDir, rel: str, *, model_path: str, base_mo
     if rundir.is_done(rel):
         say_reused(rel, rundir.path(model_rel))
         return rundir.local_copy(model_rel)
-    from spin_ray.pairs import sample_table, sft_samples
-    from spin_ray.trainer import checkpoint_history, fit
+    from spin_ray.trainer import checkpoint_history
 
     started = time.time()
     plan = train_plan(cfg, model_path, iteration, loss_type, steps)
     n_samples = samples_per_iteration(cfg, iteration, plan.steps)
-    if loss_type == "sft":
-        samples = sample_table(prepared.path, prepared.n_rows, n_samples)
-        dataset = sft_samples(samples, run_seed=cfg.seed, iteration=iteration)
-    else:
-        dataset = opponent_pairs(cfg, rundir, opponents_rel or rundir.stage_opponents(rel), model_path=model_path,
-                                 prepared=prepared, iteration=iteration, n_samples=n_samples)
+    opponents = None if loss_type == "sft" else (opponents_rel or rundir.stage_opponents(rel))
     objective = loss_type if loss_type == "sft" else f"{loss_type}, beta={plan.beta}"  # SFT has no beta
     print(f"[{rel}] training {plan.steps} steps on {n_samples} samples{_repeat_note(prepared.n_rows, n_samples)} "
           f"({objective}, lr={plan.lr}) against {model_path}", flush=True)
-    name, storage_path = rel.replace("/", "_"), _storage_path(rundir, rel)
-    _say_if_resuming(rel, storage_path, name, plan.steps)
-    result = fit(plan, dataset, name=name, storage_path=storage_path,
-                 num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                 resources_per_worker=_worker_resources(cfg), max_failures=cfg.train.max_failures)
+    result = _train(cfg, rundir, rel, plan, prepared=prepared, opponents=opponents, model_path=model_path,
+                    iteration=iteration, n_samples=n_samples)
     history = checkpoint_history(result.checkpoint)
     if rundir.is_done(model_rel):  # an earlier run died between publishing the model and marking the stage done
         print(f"[{rel}] model already published at {rundir.path(model_rel)} by an earlier run; keeping it",
@@ -220,6 +211,30 @@ def run_stage(cfg: Config, rundir: RunDir, rel: str, *, model_path: str, base_mo
     })
     rundir.mark_done(rel, {"seconds": time.time() - started, "steps": plan.steps})
     return rundir.local_copy(model_rel)
+
+
+def _train(cfg: Config, rundir: RunDir, rel: str, plan, *, prepared: Prepared, opponents: str | None,
+           model_path: str, iteration: int, n_samples: int):
+    """Ray Train on the stage's samples (SFT rows, or pairs against ``model_path``'s opponents
+    cached in ``opponents``), with its live progress on the console; the ``ray.train.Result``."""
+    from spin_ray.pairs import sample_table, sft_samples
+    from spin_ray.progress import StageProgress
+    from spin_ray.trainer import fit
+
+    if opponents is None:
+        samples = sample_table(prepared.path, prepared.n_rows, n_samples)
+        dataset = sft_samples(samples, run_seed=cfg.seed, iteration=iteration)
+    else:
+        dataset = opponent_pairs(cfg, rundir, opponents, model_path=model_path, prepared=prepared,
+                                 iteration=iteration, n_samples=n_samples)
+    name, storage_path = rel.replace("/", "_"), _storage_path(rundir, rel)
+    _say_if_resuming(rel, storage_path, name, plan.steps)
+    with StageProgress(rundir, rel, steps=plan.steps, samples_per_step=n_samples // max(plan.steps, 1),
+                       opponents_rel=opponents, n_samples=n_samples, opponent_batch=cfg.generation.batch_size):
+        return fit(plan, dataset, name=name, storage_path=storage_path,
+                   num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                   resources_per_worker=_worker_resources(cfg), max_failures=cfg.train.max_failures,
+                   progress=rundir.path(rundir.stage_progress(rel)))
 
 
 def _repeat_note(n_rows: int, n_samples: int) -> str:

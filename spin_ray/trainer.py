@@ -59,7 +59,22 @@ def train_loop_per_worker(config: dict) -> None:
     optim = Optimization.for_plan(unet, plan)
     state = _restore(ray.train.get_checkpoint(), optim)
     runner = StepRunner(plan, model, ref_unet, scheduler, device)
-    run_steps(plan, state, batches, runner, optim, report=ray_report(rank), rank=rank)
+    report = ray_report(rank)
+    if rank == 0 and config.get("progress"):
+        report = reporting_progress(report, config["progress"], plan.steps)
+    run_steps(plan, state, batches, runner, optim, report=report, rank=rank)
+
+
+def reporting_progress(report: Report, location: str, steps: int) -> Report:
+    """``report`` that also records the step in the file ``location``, which the driver's
+    :class:`spin_ray.progress.StageProgress` shows (rank 0 only: one writer)."""
+    from spin_ray.progress import write_progress
+
+    def report_and_record(metrics: dict, checkpoint: CheckpointRequest | None) -> None:
+        report(metrics, checkpoint)
+        write_progress(location, int(metrics["step"]), steps, metrics.get("loss"))
+
+    return report_and_record
 
 
 def ray_report(rank: int) -> Report:
@@ -128,10 +143,12 @@ _EXHAUSTED = object()
 
 
 def fit(plan: TrainPlan, train_dataset, *, name: str, storage_path: str, num_workers: int,
-        use_gpu: bool, resources_per_worker: dict[str, float] | None = None, max_failures: int = 0):
+        use_gpu: bool, resources_per_worker: dict[str, float] | None = None, max_failures: int = 0,
+        progress: str | None = None):
     """Build and fit the TorchTrainer; returns the ``ray.train.Result``.
 
     Rerunning with the same ``name`` and ``storage_path`` resumes from the last checkpoint.
+    ``progress``: a file where rank 0 records each logged step (:mod:`spin_ray.progress`).
     """
     import ray.train
     from ray.data import ExecutionOptions
@@ -140,7 +157,7 @@ def fit(plan: TrainPlan, train_dataset, *, name: str, storage_path: str, num_wor
     set_aside_unreadable_snapshot(storage_path, name)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": plan},
+        train_loop_config={"plan": plan, "progress": progress},
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu,
             resources_per_worker=resources_per_worker or {"CPU": 1},

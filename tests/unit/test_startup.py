@@ -5,6 +5,7 @@ local Ray gets the laptop settings of spin_ray.ray_session.LOCAL_ENV."""
 from __future__ import annotations
 
 import io
+import logging
 import subprocess
 import sys
 import threading
@@ -68,10 +69,12 @@ def fake_ray(monkeypatch):
     from ray.data import DataContext
 
     monkeypatch.setattr(DataContext.get_current(), "use_ray_tqdm", True)
+    monkeypatch.setattr(DataContext.get_current(), "enable_progress_bars", True)
     calls: list[dict] = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
-    for name in [*spin_ray.ray_session.LOCAL_ENV, "RAY_ADDRESS"]:
+    monkeypatch.setattr(spin_ray.ray_session, "_settings", {"verbose": False})
+    for name in [*spin_ray.ray_session.LOCAL_ENV, "RAY_ADDRESS", spin_ray.ray_session.API_SERVER_ENV]:
         monkeypatch.setenv(name, "unset")  # so that monkeypatch restores the variable's absence too
         monkeypatch.delenv(name)
     return calls
@@ -82,7 +85,12 @@ def test_a_local_instance_gets_the_laptop_settings(fake_ray, monkeypatch):
 
     monkeypatch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "5")  # the user's own value wins
     assert spin_ray.ray_session.ensure_ray(None, num_cpus=3) is True
-    assert fake_ray == [{"address": "local", "num_cpus": 3, "include_dashboard": False, "log_to_driver": True}]
+    (init,) = fake_ray
+    port = init.pop("dashboard_port")
+    assert init == {"address": "local", "num_cpus": 3, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+                    "log_to_driver": False, "logging_level": logging.WARNING}
+    # Ray's own processes (Train's PlacementGroupCleaner) find the state API of this instance
+    assert os.environ[spin_ray.ray_session.API_SERVER_ENV] == f"http://127.0.0.1:{port}"
     assert os.environ["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] == "5"
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == spin_ray.ray_session.LOCAL_ENV[
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
@@ -93,14 +101,29 @@ def test_a_cluster_keeps_rays_defaults(fake_ray, monkeypatch):
 
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert spin_ray.ray_session.ensure_ray() is False
-    assert fake_ray == [{"address": "10.0.0.1:6379", "log_to_driver": True}]
+    assert fake_ray == [{"address": "10.0.0.1:6379", "log_to_driver": False, "logging_level": logging.WARNING}]
     assert not set(spin_ray.ray_session.LOCAL_ENV) & set(os.environ)
 
 
 def test_address_local_starts_a_private_instance_even_inside_a_cluster_job(fake_ray, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert spin_ray.ray_session.ensure_ray("local", num_cpus=4) is True
-    assert fake_ray[0]["address"] == "local" and fake_ray[0]["include_dashboard"] is False
+    assert fake_ray[0]["address"] == "local" and fake_ray[0]["dashboard_host"] == "127.0.0.1"
+
+
+def test_verbose_lets_rays_output_through(fake_ray, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    spin_ray.ray_session.set_verbose(True)
+    spin_ray.ray_session.ensure_ray()
+    assert fake_ray == [{"address": "10.0.0.1:6379", "log_to_driver": True}]
+
+
+def test_the_free_port_is_free_on_loopback():
+    import socket
+
+    port = spin_ray.ray_session.free_loopback_port()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))  # raises if something listens there
 
 
 class Output(io.StringIO):
