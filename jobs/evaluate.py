@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from spin_ray.cli import run_job  # noqa: E402
-from spin_ray.eval_run import run_evaluation  # noqa: E402
+from spin_ray.eval import run_evaluation  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run_job(run_evaluation, description=__doc__))

@@ -2,7 +2,7 @@
 
 Each key's type and default come from :func:`dataclasses.fields`, its one-line doc from the
 string literal that follows the field in the class source (read with :mod:`ast`), so the help
-cannot drift from :mod:`spin_ray.config` (and :class:`spin_ray.sweep_config.SweepConfig`).
+cannot drift from :mod:`spin_ray.config` (and :class:`spin_ray.sweep.SweepConfig`).
 """
 
 from __future__ import annotations

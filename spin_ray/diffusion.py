@@ -214,7 +214,7 @@ def is_hub_id(location: str) -> bool:
     no ``..`` or ``--``, as the hub requires). A bare name (``my-model``), a deeper path
     (``runs/x/model``) or one starting with ``.``, ``~`` or ``/`` is a local path, so a missing
     one is reported as a missing directory rather than as a failed download. The loaders here
-    and the evaluation's model check (:func:`spin_ray.eval_run.resolve_model`) both use it."""
+    and the evaluation's model check (:func:`spin_ray.eval.checks.resolve_model`) both use it."""
     if not _HUB_ID.match(location) or ".." in location or "--" in location:
         return False
     return not Path(location).expanduser().exists()

@@ -16,15 +16,19 @@ layout::
         model/                         theta_k in diffusers format (safetensors) + DONE
         config.yaml                    resolved config of this stage (its beta, lr, steps)
         metrics.json                   training summary and per-step history
+        progress.json                  live progress while it trains (step, loss, time)
         DONE                           written last: the stage is complete
     iter_<k>.stale-<time>/             a finished stage set aside because an earlier one was redone
     eval/[<prompt set>/]<model>/       scores.parquet + DONE (prompt set level only with several sets)
     report/[<prompt set>/]             report.md, metrics.json, grids and plots
-    sweep/                             jobs/sweep.py: sweep.json, Tune state
-        iter_<k>/                      one grid iteration: opponents/ shared by the trials,
-                                       trial_<id>/ (a stage each), winner.json
-        pbt/                           population-based training: opponents_iter_1/,
-                                       trial_<id>/iter_<k>/ (score.json, lineage.json, model.json)
+    sweep/                             jobs/sweep.py: sweep.json (the search), Tune state
+        iter_<k>/                      one grid iteration: opponent.json (the theta_{k-1} played against),
+                                       opponents/ shared by the trials, trial_<id>/ (a stage each, with
+                                       eval/ and score.json), tune/, trials.md, beta_vs_metric.png, winner.json
+        iter_<k>.stale-<time>/         trials set aside: they played against a theta_{k-1} since replaced
+        pbt/                           population-based training: opponents_iter_1/, tune/ (checkpoints:
+                                       model.json pointers), trial_<id>/iter_<k>/ (a stage, with eval/,
+                                       score.json, lineage.json)
 
 A *stage* is a directory trained by :func:`spin_ray.stages.run_stage` (an iteration, the SFT
 baseline, a sweep trial); the ``stage_*`` methods name its parts whatever the stage is.
@@ -52,6 +56,7 @@ class RunLayout:
     PREPARED = "prepared"
     TOY_DATA = "toy_data/train.parquet"
     EVAL = "eval"
+    EVAL_SCORES_FILE = "scores.parquet"  # in an evaluation directory: one scored row per image
     REPORT = "report"
     SWEEP = "sweep"
     SWEEP_SIGNATURE = "sweep/sweep.json"
@@ -60,7 +65,11 @@ class RunLayout:
     BASELINE_PREFIX = "baseline_"
     SCORE_FILE = "score.json"  # in a PBT trial's iteration: its evaluation score
     LINEAGE_FILE = "lineage.json"  # in a PBT trial's iteration: whose weights it started from
-    POINTER_FILE = "model.json"  # in a PBT trial's iteration: where its model is
+    POINTER_FILE = "model.json"  # in a PBT trial's checkpoint: which iteration's model it is, and where
+    BASE = "base"
+    """theta_0's name where a model of the run is named (the opponent of iteration 1, the first model
+    of a report): the base model, which lives outside the run directory."""
+    TUNE = "tune"  # Ray Tune's experiment folder, under a sweep's iteration or sweep/pbt
 
     # ------------------------------------------------------------------ stages
 
@@ -114,12 +123,40 @@ class RunLayout:
         return f"{stage}/train"
 
     @staticmethod
+    def stage_eval(stage: str) -> str:
+        """A sweep trial's held-out scores (the cache of its evaluation)."""
+        return f"{stage}/eval"
+
+    @classmethod
+    def stage_score(cls, stage: str) -> str:
+        """A sweep trial's held-out score and hyperparameters (JSON)."""
+        return f"{stage}/{cls.SCORE_FILE}"
+
+    @classmethod
+    def stage_lineage(cls, stage: str) -> str:
+        """A PBT trial iteration's opponent and hyperparameters (JSON): whose weights it started from."""
+        return f"{stage}/{cls.LINEAGE_FILE}"
+
+    @staticmethod
+    def stage_of_model_dir(model_rel: str) -> str:
+        """The stage whose published model is ``model_rel`` (the inverse of :meth:`stage_model`)."""
+        stage, _, leaf = model_rel.rpartition("/")
+        if not stage or leaf != "model":
+            raise ValueError(f"{model_rel!r} is not a stage's model directory (<stage>/model)")
+        return stage
+
+    @staticmethod
     def stage_config(stage: str) -> str:
         return f"{stage}/config.yaml"
 
     @staticmethod
     def stage_metrics(stage: str) -> str:
         return f"{stage}/metrics.json"
+
+    @staticmethod
+    def stage_progress(stage: str) -> str:
+        """The stage's live training progress (rank 0 rewrites it at every logged step)."""
+        return f"{stage}/progress.json"
 
     @classmethod
     def model(cls, k: int) -> str:
@@ -153,6 +190,11 @@ class RunLayout:
         return f"{cls.EVAL}/{prompt_set}/{model}" if prompt_set else f"{cls.EVAL}/{model}"
 
     @classmethod
+    def eval_scores(cls, eval_rel: str) -> str:
+        """The scored rows (parquet) in an evaluation directory such as :meth:`eval`'s."""
+        return f"{eval_rel}/{cls.EVAL_SCORES_FILE}"
+
+    @classmethod
     def report(cls, prompt_set: str | None = None) -> str:
         return f"{cls.REPORT}/{prompt_set}" if prompt_set else cls.REPORT
 
@@ -175,6 +217,38 @@ class RunLayout:
     @classmethod
     def sweep_winner(cls, k: int) -> str:
         return f"{cls.sweep_iteration(k)}/winner.json"
+
+    @classmethod
+    def sweep_opponent_record(cls, k: int) -> str:
+        """Which theta_{k-1} the trials of grid iteration ``k`` played against (JSON: its model
+        and publish id, or :attr:`BASE`); trials recorded against another one are stale."""
+        return f"{cls.sweep_iteration(k)}/opponent.json"
+
+    @classmethod
+    def sweep_trials_table(cls, k: int) -> str:
+        """Iteration ``k``'s table of trials (markdown): hyperparameters, score, winner."""
+        return f"{cls.sweep_iteration(k)}/trials.md"
+
+    @classmethod
+    def sweep_beta_plot(cls, k: int) -> str:
+        """Iteration ``k``'s plot of each trial's held-out score against its beta (PNG)."""
+        return f"{cls.sweep_iteration(k)}/beta_vs_metric.png"
+
+    @classmethod
+    def tune_experiment(cls, storage: str) -> str:
+        """Ray Tune's experiment state of the trials stored under ``storage`` (a sweep
+        iteration, or :attr:`PBT`)."""
+        return f"{storage}/{cls.TUNE}"
+
+    @staticmethod
+    def trial_dir_name(trial_id: str) -> str:
+        """The folder name of a trial (a sweep's, and Ray Tune's own): ``trial_<id>``."""
+        return f"trial_{trial_id}"
+
+    @staticmethod
+    def trial_id_of(name: str) -> str:
+        """The trial id of a folder named ``trial_<id>`` (the inverse of :meth:`trial_dir_name`)."""
+        return name.removeprefix("trial_")
 
     @classmethod
     def pbt_trial(cls, trial_id: str, k: int | None = None) -> str:

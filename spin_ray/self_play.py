@@ -57,7 +57,7 @@ def run(cfg: Config) -> RunResult:
                                               prepared=prepared, iteration=k, loss_type=cfg.loss.type)
         result.timings[rel] = time.time() - started
     if cfg.eval.enabled:
-        from spin_ray.eval_run import evaluate_models
+        from spin_ray.eval import evaluate_models
 
         evaluate_models(cfg, rundir, result.models)
     return result

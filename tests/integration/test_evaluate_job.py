@@ -14,9 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from spin_ray import eval_report, eval_run, evaluation
 from spin_ray.config import load_config
 from spin_ray.diffusion import load_components, save_pipeline
+from spin_ray.eval import metrics as eval_metrics
+from spin_ray.eval import rows, scoring
+from spin_ray.eval import run as eval_run
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESOLUTION = 128  # the shared tiny pipeline: 16x16 latents, images 8x larger
@@ -59,11 +61,11 @@ def test_run_evaluation_reports_what_the_stored_scores_say(ray_local, tiny_pipel
     for name, table in tables.items():
         assert (run_dir / "eval" / name / "DONE").is_file()
         cells = sorted(zip(table["prompt_index"], table["image_index"], table["seed"], strict=True))
-        assert cells == [(p, i, eval_run.image_seed(0, p, i)) for p in range(3) for i in range(2)]  # same seeds
+        assert cells == [(p, i, rows.image_seed(0, p, i)) for p in range(3) for i in range(2)]  # same seeds
     assert tables["base"]["toy"] != tables["iter_1"]["toy"]  # the perturbed UNet draws other images
 
-    scores = {name: eval_report.gather_scores(table, ["toy"], 3, 2) for name, table in tables.items()}
-    expected = evaluation.evaluate_models(scores)
+    scores = {name: rows.gather_scores(table, ["toy"], 3, 2) for name, table in tables.items()}
+    expected = eval_metrics.evaluate_models(scores)
     metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
     for name in models:
         best = scores[name]["toy"].max(axis=1)
@@ -88,7 +90,7 @@ def test_run_evaluation_reports_what_the_stored_scores_say(ray_local, tiny_pipel
     def no_pipeline(*args, **kwargs):
         raise AssertionError("the stored scores should have been reused")
 
-    monkeypatch.setattr(eval_run, "generate_and_score", no_pipeline)
+    monkeypatch.setattr(scoring, "generate_and_score", no_pipeline)
     assert eval_run.run_evaluation(cfg)["toy"] == summaries
 
 

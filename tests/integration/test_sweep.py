@@ -76,8 +76,7 @@ def assert_started_from_its_opponent(stage: Path, opponent_weights: dict[str, to
 @pytest.mark.slow
 def test_grid_over_beta_picks_the_winner_survives_a_failed_trial_and_resumes(ray_local, tiny_pipeline_dir,
                                                                             toy_parquet, tmp_path):
-    from spin_ray.sweep import run_sweep
-    from spin_ray.sweep_config import load_sweep
+    from spin_ray.sweep import load_sweep, run_sweep
 
     # Two grid points: beta 2000, and the schedule [5000, then a beta that overflows float32],
     # so iteration 1 is a 2-point grid over beta and in iteration 2 the second trial fails.
@@ -146,8 +145,7 @@ def test_grid_over_beta_picks_the_winner_survives_a_failed_trial_and_resumes(ray
 @pytest.mark.slow
 def test_pbt_clones_the_winner_which_becomes_the_next_opponent(ray_local, tiny_pipeline_dir, toy_parquet, tmp_path):
     from spin_ray.rundir import RunDir
-    from spin_ray.sweep import pbt_rows, run_sweep
-    from spin_ray.sweep_config import load_sweep
+    from spin_ray.sweep import load_sweep, pbt_rows, run_sweep
 
     path = sweep_config(tmp_path, tiny_pipeline_dir, toy_parquet,
                         {"mode": "pbt", "space": {"loss.beta": {"grid": [2000, 5000]},

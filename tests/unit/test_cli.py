@@ -15,7 +15,7 @@ from spin_ray.config import Config, ConfigError, load_config
 from spin_ray.config_help import field_docs, sections, type_label, yaml_value
 from spin_ray.data import DataError
 from spin_ray.errors import ModelDirError, StorageError, UserError, find_user_error
-from spin_ray.sweep_config import SweepConfig, load_sweep
+from spin_ray.sweep import SweepConfig, load_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 BAD_ROW = "record 3 (row_id 3), field 'file_name': image bytes do not decode; set data.on_bad_row=skip"

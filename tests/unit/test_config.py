@@ -51,7 +51,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def load_shipped(path: Path) -> Config:
     """A shipped config; a sweep config (top-level ``sweep:``, for jobs/sweep.py) through the sweep loader."""
     if "sweep" in load_yaml(path):
-        from spin_ray.sweep_config import load_sweep
+        from spin_ray.sweep import load_sweep
 
         return load_sweep(path)[0]
     return load_config(path)

@@ -13,30 +13,24 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from spin_ray import eval_report, eval_run
 from spin_ray.config import ConfigError, load_config
-from spin_ray.eval_report import (
-    choose_baseline,
+from spin_ray.eval import checks, score_cache, scoring
+from spin_ray.eval import run as eval_run
+from spin_ray.eval.checks import resolve_model
+from spin_ray.eval.figures import iteration_series, reference_images, self_play_order, training_histories
+from spin_ray.eval.metrics import AVERAGE, Summary
+from spin_ray.eval.prompt_sets import load_prompts, prompt_set_names, prompt_set_paths
+from spin_ray.eval.report import choose_baseline
+from spin_ray.eval.rows import (
+    IMAGE_COLUMN,
+    ROW_COLUMNS,
     gather_scores,
     grid_images,
-    iteration_series,
-    reference_images,
-    self_play_order,
-    training_histories,
-)
-from spin_ray.eval_run import (
-    EvalImageGenerator,
-    ImageSpec,
-    ScorerActor,
-    ScorerSpec,
     image_seed,
+    png_bytes,
     prompt_rows,
-    prompt_set_names,
-    resolve_model,
-    scorer_kwargs,
 )
-from spin_ray.evaluation import AVERAGE, Summary
-from spin_ray.prompts import load_prompts
+from spin_ray.eval.scoring import EvalImageGenerator, ImageSpec, ScorerActor, ScorerSpec, scorer_kwargs
 from spin_ray.rundir import RunDir
 from spin_ray.toy.reward import ToyScorer
 
@@ -106,7 +100,7 @@ def _png(colour: tuple[int, int, int]) -> bytes:
 
 def test_grid_images_are_image_zero_of_the_first_prompts_in_prompt_order():
     columns = {"prompt_index": [1, 0, 0, 2], "image_index": [0, 1, 0, 0],
-               eval_report.IMAGE_COLUMN: [_png((0, 255, 0)), b"", _png((255, 0, 0)), b""]}
+               IMAGE_COLUMN: [_png((0, 255, 0)), b"", _png((255, 0, 0)), b""]}
     images = grid_images(columns, num_prompts=2)
     assert [image.getpixel((0, 0)) for image in images] == [(255, 0, 0), (0, 255, 0)]
     with pytest.raises(ValueError, match=r"prompts \[2\]"):
@@ -249,10 +243,10 @@ def test_generator_images_depend_on_the_seed_not_on_the_batch(tiny_pipeline_dir)
     together = generator(_batch(rows))
     alone = generator(_batch(rows[3:]))
     assert list(together["prompt_index"]) == [0, 0, 1, 1] and list(together["image_index"]) == [0, 1, 0, 1]
-    first = _pixels(together[eval_report.IMAGE_COLUMN][0])
+    first = _pixels(together[IMAGE_COLUMN][0])
     assert first.shape == (128, 128, 3)
-    assert np.abs(_pixels(together[eval_report.IMAGE_COLUMN][3]) - _pixels(alone[eval_report.IMAGE_COLUMN][0])).max() <= 1
-    assert np.abs(first - _pixels(together[eval_report.IMAGE_COLUMN][1])).max() > 1  # another seed, another image
+    assert np.abs(_pixels(together[IMAGE_COLUMN][3]) - _pixels(alone[IMAGE_COLUMN][0])).max() <= 1
+    assert np.abs(first - _pixels(together[IMAGE_COLUMN][1])).max() > 1  # another seed, another image
 
 
 def test_scorer_actor_adds_one_column_per_scorer_and_keeps_only_grid_images():
@@ -261,14 +255,14 @@ def test_scorer_actor_adds_one_column_per_scorer_and_keeps_only_grid_images():
     prompts = ["a red circle on a blue background"] * 2 + ["a green square on a white background"] * 2
     batch = _batch(prompt_rows(prompts[::2], num_images=2, eval_seed=0))
     batch["prompt"] = np.asarray(prompts, dtype=object)
-    batch[eval_report.IMAGE_COLUMN] = np.asarray([eval_run._png(image) for image in images], dtype=object)
+    batch[IMAGE_COLUMN] = np.asarray([png_bytes(image) for image in images], dtype=object)
     actor = ScorerActor(ScorerSpec(scorers=("toy",), options={"toy": {"colour_sigma": "0.2"}}, grid_prompts=1,
                                    device="cpu"))
     out = actor(batch)
     expected = ToyScorer(colour_sigma=0.2).score(images, prompts)
     np.testing.assert_allclose(out["toy"], expected, rtol=1e-6)
     assert out["toy"].dtype == np.float32
-    assert [len(raw) > 0 for raw in out[eval_report.IMAGE_COLUMN]] == [True, False, False, False]
+    assert [len(raw) > 0 for raw in out[IMAGE_COLUMN]] == [True, False, False, False]
     assert list(out["seed"]) == list(batch["seed"])
 
 
@@ -276,7 +270,7 @@ def test_scorer_actor_adds_one_column_per_scorer_and_keeps_only_grid_images():
 
 
 class FakePipeline:
-    """Stands in for :func:`eval_run.generate_and_score`: scores are a function of the model
+    """Stands in for :func:`scoring.generate_and_score`: scores are a function of the model
     name's position and the cell, images are flat colours; counts its calls."""
 
     def __init__(self, model_rank: dict[str, int], scorers: list[str]):
@@ -288,10 +282,10 @@ class FakePipeline:
         self.calls.append(model)
         rank = self.model_rank[model]
         rows = prompt_rows(prompts, cfg.eval.num_images_per_prompt, cfg.eval.seed)
-        columns = {name: [row[name] for row in rows] for name in eval_run.ROW_COLUMNS}
+        columns = {name: [row[name] for row in rows] for name in ROW_COLUMNS}
         for k, name in enumerate(self.scorers):
             columns[name] = [np.float32(rank + 0.1 * row["image_index"] + 0.01 * k) for row in rows]
-        columns[eval_report.IMAGE_COLUMN] = [_png((40 * rank, 0, 0)) if row["image_index"] == 0 else b""
+        columns[IMAGE_COLUMN] = [_png((40 * rank, 0, 0)) if row["image_index"] == 0 else b""
                                           for row in rows]
         return pa.table(columns)
 
@@ -313,7 +307,7 @@ def _self_play_cfg(**overrides):
 def test_evaluate_models_writes_the_report_to_an_object_store_and_reuses_scores(memory_run, monkeypatch):
     models = {"base": "/m/base", "sft": "/m/sft", "iter_1": "/m/iter_1", "iter_2": "/m/iter_2"}
     fake = FakePipeline({path: rank for rank, path in enumerate(models.values())}, ["toy"])
-    monkeypatch.setattr(eval_run, "generate_and_score", fake)
+    monkeypatch.setattr(scoring, "generate_and_score", fake)
     cfg = _self_play_cfg()
     for stage in ("baseline_sft", "iter_1", "iter_2"):  # as run_stage leaves them
         memory_run.write_json_atomic(f"{stage}/metrics.json", {"history": [
@@ -356,7 +350,7 @@ def test_several_prompt_sets_get_one_report_each(tmp_path, monkeypatch):
     prompt_file = tmp_path / "mine.txt"
     prompt_file.write_text("a red circle on a blue background\na green square on a white background\n")
     fake = FakePipeline({"/m/a": 0, "/m/b": 1}, ["toy"])
-    monkeypatch.setattr(eval_run, "generate_and_score", fake)
+    monkeypatch.setattr(scoring, "generate_and_score", fake)
     cfg = _self_play_cfg(**{"eval.prompts": ["toy", str(prompt_file)], "eval.baseline": "b"})
     run = RunDir(tmp_path / "run")
 
@@ -372,25 +366,25 @@ def test_several_prompt_sets_get_one_report_each(tmp_path, monkeypatch):
 
 
 class ScaleMismatchPipeline:
-    """Stands in for :func:`eval_run.generate_and_score` with scorers on different scales:
+    """Stands in for :func:`scoring.generate_and_score` with scorers on different scales:
     pickscore (~100x larger) prefers image 0, toy and aesthetic prefer image 1. The plain
     average picks image 0 ((300 + 0 + 0) / 3 > (100 + 1 + 1) / 3); the z-scored average picks
     image 1 (each scorer's z-scores are +-1: -1/3 against +1/3)."""
 
     def __call__(self, model, prompts, cfg):
         rows = prompt_rows(prompts, cfg.eval.num_images_per_prompt, cfg.eval.seed)
-        columns = {name: [row[name] for row in rows] for name in eval_run.ROW_COLUMNS}
+        columns = {name: [row[name] for row in rows] for name in ROW_COLUMNS}
         first = [row["image_index"] == 0 for row in rows]
         columns["pickscore"] = [np.float32(300.0 if f else 100.0) for f in first]
         columns["toy"] = [np.float32(0.0 if f else 1.0) for f in first]
         columns["aesthetic"] = [np.float32(0.0 if f else 1.0) for f in first]
-        columns[eval_report.IMAGE_COLUMN] = [_png((0, 0, 0)) if f else b"" for f in first]
+        columns[IMAGE_COLUMN] = [_png((0, 0, 0)) if f else b"" for f in first]
         return pa.table(columns)
 
 
 @pytest.mark.parametrize(("normalise", "best"), [(False, 0), (True, 1)])
 def test_normalise_average_reaches_the_best_of_n_choice_of_the_evaluation(tmp_path, monkeypatch, normalise, best):
-    monkeypatch.setattr(eval_run, "generate_and_score", ScaleMismatchPipeline())
+    monkeypatch.setattr(scoring, "generate_and_score", ScaleMismatchPipeline())
     cfg = _self_play_cfg(**{"eval.scorers": ["pickscore", "toy", "aesthetic"], "eval.normalise_average": normalise})
     run = RunDir(tmp_path / "run")
 
@@ -407,11 +401,10 @@ def test_normalise_average_reaches_the_best_of_n_choice_of_the_evaluation(tmp_pa
 @pytest.mark.parametrize(("normalise", "average"), [(False, 100.0), (True, 34.0)])
 def test_normalise_average_reaches_the_sweeps_held_out_score(tmp_path, monkeypatch, normalise, average):
     from spin_ray import sweep
-    from spin_ray.sweep_config import AVERAGE_METRIC
+    from spin_ray.sweep import AVERAGE_METRIC
 
     fake = ScaleMismatchPipeline()
-    monkeypatch.setattr(eval_run, "model_scores",
-                        lambda cfg, rundir, rel, model, prompts: fake(model, prompts, cfg))
+    monkeypatch.setattr(scoring, "generate_and_score", fake)  # under score_cache.model_scores, as the sweep calls it
     cfg = _self_play_cfg(**{"eval.scorers": ["pickscore", "toy", "aesthetic"], "eval.normalise_average": normalise})
     # best-of-2 is image 0 by the plain average: (300 + 0 + 0) / 3; image 1 by z-scores: (100 + 1 + 1) / 3
     score = sweep.score_model(cfg, RunDir(tmp_path / "run"), "eval/x", "iter_1/model", AVERAGE_METRIC)
@@ -425,12 +418,12 @@ def test_stored_scores_are_redone_after_the_model_is_republished(tmp_path, monke
     (weights / "unet.bin").write_bytes(b"theta_1")
     model = run.publish_dir(weights, "iter_1/model")
     fake = FakePipeline({model: 0}, ["toy"])
-    monkeypatch.setattr(eval_run, "generate_and_score", fake)
+    monkeypatch.setattr(scoring, "generate_and_score", fake)
     cfg = _self_play_cfg()
     prompts = load_prompts("toy", 3)
 
-    eval_run.model_scores(cfg, run, "eval/iter_1", model, prompts)
-    eval_run.model_scores(cfg, run, "eval/iter_1", model, prompts)
+    score_cache.model_scores(cfg, run, "eval/iter_1", model, prompts)
+    score_cache.model_scores(cfg, run, "eval/iter_1", model, prompts)
     assert fake.calls == [model]  # the second call read the stored scores
     first_version = run.read_done("eval/iter_1")["fingerprint"]["model_version"]
     assert first_version == run.read_done("iter_1/model")["publish_id"]
@@ -438,7 +431,7 @@ def test_stored_scores_are_redone_after_the_model_is_republished(tmp_path, monke
     # Iteration 1 retrained and published again at the same path: a new publish id, new scores.
     run.fs.rm(run.fs_path("iter_1/model"), recursive=True)
     assert run.publish_dir(weights, "iter_1/model") == model
-    eval_run.model_scores(cfg, run, "eval/iter_1", model, prompts)
+    score_cache.model_scores(cfg, run, "eval/iter_1", model, prompts)
     assert fake.calls == [model, model]
     assert run.read_done("eval/iter_1")["fingerprint"]["model_version"] == run.read_done("iter_1/model")["publish_id"]
     assert run.read_done("eval/iter_1")["fingerprint"]["model_version"] != first_version
@@ -447,13 +440,13 @@ def test_stored_scores_are_redone_after_the_model_is_republished(tmp_path, monke
 def test_reused_scores_are_said(tmp_path, monkeypatch, capsys):
     run = RunDir(tmp_path / "run")
     fake = FakePipeline({"/m/base": 0}, ["toy"])
-    monkeypatch.setattr(eval_run, "generate_and_score", fake)
+    monkeypatch.setattr(scoring, "generate_and_score", fake)
     cfg = _self_play_cfg()
     prompts = load_prompts("toy", 3)
 
-    eval_run.model_scores(cfg, run, "eval/base", "/m/base", prompts)
+    score_cache.model_scores(cfg, run, "eval/base", "/m/base", prompts)
     assert "reused" not in capsys.readouterr().out
-    eval_run.model_scores(cfg, run, "eval/base", "/m/base", prompts)
+    score_cache.model_scores(cfg, run, "eval/base", "/m/base", prompts)
     assert capsys.readouterr().out == "[eval] eval/base: stored scores reused (6 images; same settings and model version)\n"
 
 
@@ -471,7 +464,7 @@ def test_eval_paper_config_is_the_papers_protocol_with_loader_ready_paths():
     assert cfg.model.resolution == 512 and not e.normalise_average
     assert sorted(e.scorers) == ["aesthetic", "hpsv2", "imagereward", "pickscore"]
     assert list(e.models) == ["base", "spin_iter_1"] and e.baseline == "base"
-    assert prompt_set_names(eval_run.prompt_set_paths(e.prompts)) == [
+    assert prompt_set_names(prompt_set_paths(e.prompts)) == [
         "pickapic_v2_test_unique", "PartiPrompts", "hpsv2_benchmark"]
     assert e.scorer_paths["hpsv2"].endswith("HPS_v2_compressed.pt")  # HPSv2.0, as in the paper
     # Every scorer gets its weights, and only through keywords its loader takes.
@@ -488,12 +481,12 @@ def test_eval_toy_config_evaluates_the_default_runs_models_on_the_toy_world():
 def test_a_model_in_an_object_store_run_dir_is_fetched_by_the_actor(memory_run, tiny_pipeline_dir):
     memory_run.publish_dir(tiny_pipeline_dir, "iter_1/model")
     url = memory_run.path("iter_1", "model")
-    local = Path(eval_run._local_model(url))
+    local = Path(scoring._local_model(url))
     assert (local / "model_index.json").read_text() == (tiny_pipeline_dir / "model_index.json").read_text()
-    assert eval_run._local_model(url) == str(local)  # the second actor reuses the copy
-    assert eval_run._model_version(url) == memory_run.read_done("iter_1/model")["publish_id"]
-    assert eval_run._local_model(str(tiny_pipeline_dir)) == str(tiny_pipeline_dir)
+    assert scoring._local_model(url) == str(local)  # the second actor reuses the copy
+    assert score_cache._model_version(url) == memory_run.read_done("iter_1/model")["publish_id"]
+    assert scoring._local_model(str(tiny_pipeline_dir)) == str(tiny_pipeline_dir)
     # evaluate_models hands the actors the run's own finished models by URL, others as they are.
     memory_run.mark_done("iter_1", {})
-    assert eval_run._published_location(memory_run, "iter_1", "/tmp/driver-copy") == url
-    assert eval_run._published_location(memory_run, "iter_2", "/m/iter_2") == "/m/iter_2"
+    assert checks.published_location(memory_run, "iter_1", "/tmp/driver-copy") == url
+    assert checks.published_location(memory_run, "iter_2", "/m/iter_2") == "/m/iter_2"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spin_ray.evaluation import (
+from spin_ray.eval.metrics import (
     AVERAGE,
     Summary,
     WinRate,

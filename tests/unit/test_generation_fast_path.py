@@ -39,7 +39,7 @@ def test_generator_prepares_its_unet(tiny_pipeline_dir):
 
 def test_evaluation_generator_prepares_its_unet(tiny_pipeline_dir, monkeypatch):
     import spin_ray.fast_path
-    from spin_ray.eval_run import EvalImageGenerator, ImageSpec
+    from spin_ray.eval.scoring import EvalImageGenerator, ImageSpec
 
     prepared = []
     real_prepare = spin_ray.fast_path.prepare_unet_for_inference

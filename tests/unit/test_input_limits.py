@@ -23,6 +23,7 @@ from PIL import Image
 from spin_ray import input_limits
 from spin_ray.config import ConfigError, DataConfig, from_dict
 from spin_ray.data import DataError, ReadStats, image_problem, iter_sft_rows
+from spin_ray.eval.prompt_sets import PromptSetError, load_prompts
 from spin_ray.input_limits import (
     MAX_IMAGE_PIXELS,
     InputLimitError,
@@ -32,7 +33,6 @@ from spin_ray.input_limits import (
     read_local_file,
     read_parquet_capped,
 )
-from spin_ray.prompts import PromptSetError, load_prompts
 
 
 def png(size: int = 16) -> bytes:

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from spin_ray.prompts import HPS_STYLES, PromptSetError, load_prompts
+from spin_ray.eval.prompt_sets import HPS_STYLES, PromptSetError, load_prompts
 from spin_ray.toy.world import parse_prompt, split_triples, validation_prompts
 
 

@@ -253,7 +253,7 @@ def test_the_config_strategy_knows_every_per_iteration_key():
 def test_any_valid_config_survives_the_run_directorys_config_yaml(drawn):
     values, cfg = drawn
     with tempfile.TemporaryDirectory() as tmp:
-        # As self_play.run, sweep and eval_run write the resolved config into the run dir.
+        # As self_play.run, sweep and spin_ray.eval.run write the resolved config into the run dir.
         RunDir(tmp).write_text_atomic("config.yaml", dump_config(cfg))
         again = load_config(Path(tmp) / "config.yaml")
     assert again == cfg

@@ -9,23 +9,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spin_ray.evaluation import AVERAGE, Summary, WinRate
-from spin_ray.report import (
-    IMAGE_GRID,
-    METRICS_JSON,
+from spin_ray.eval.image_grid import IMAGE_GRID, save_image_grid, wrap_text
+from spin_ray.eval.metrics import AVERAGE, Summary, WinRate
+from spin_ray.eval.plots import (
     METRICS_PLOT,
-    REPORT_MARKDOWN,
     TRAINING_CURVES,
     Series,
     plot_metrics,
     plot_over_iterations,
     plot_training_curves,
-    save_image_grid,
-    wrap_text,
-    write_metrics_json,
-    write_report,
+    value_limits,
 )
-from spin_ray.report_plots import value_limits
+from spin_ray.eval.report_files import METRICS_JSON, REPORT_MARKDOWN, write_metrics_json, write_report
 
 SUMMARIES = {
     "sd15": {

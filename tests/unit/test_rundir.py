@@ -401,3 +401,17 @@ def test_set_aside_moves_a_finished_stage_and_never_overwrites(run_dir: RunDir, 
     second = run_dir.set_aside("iter_2", "again")
     assert second != first and run_dir.is_done(first) and run_dir.is_done(second)
     assert run_dir.glob("iter_2.stale-*") == sorted([first, second])
+
+
+def test_layout_of_sweeps_and_evaluation_round_trips():
+    layout = RunDir("/tmp/unused-run-dir")
+    trial = layout.sweep_trial(2, "ab12")
+    assert layout.stage_of_model_dir(layout.stage_model(trial)) == trial
+    assert layout.trial_id_of(layout.trial_dir_name("ab12")) == "ab12"
+    assert layout.eval_scores(layout.eval("iter_1")) == "eval/iter_1/scores.parquet"
+    assert layout.stage_score(trial).startswith(trial + "/") and layout.stage_lineage(trial).startswith(trial + "/")
+    assert layout.sweep_opponent_record(2).startswith("sweep/iter_2/")
+    assert layout.sweep_trials_table(2).startswith("sweep/iter_2/") and layout.sweep_beta_plot(2).startswith("sweep/")
+    assert layout.tune_experiment("sweep/pbt") == "sweep/pbt/tune"
+    assert layout.stage_progress("iter_3") == "iter_3/progress.json"
+    assert layout.prepared_data() == "prepared/data" and layout.done_marker("iter_1") == "iter_1/DONE"

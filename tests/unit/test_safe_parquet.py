@@ -19,9 +19,9 @@ import pytest
 from ray.data.extensions import ArrowPythonObjectArray, ArrowTensorArray
 
 from spin_ray.data import DataError, check_columns
+from spin_ray.eval.prompt_sets import PromptSetError, load_prompts
 from spin_ray.opponents import cached_files, find_batch, write_batch
 from spin_ray.pairs import read_prepared
-from spin_ray.prompts import PromptSetError, load_prompts
 from spin_ray.safe_parquet import UnsafeParquetError, check_schema, read_table_checked
 
 PICKLED = "ray.data.arrow_pickled_object"

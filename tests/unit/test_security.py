@@ -69,8 +69,8 @@ ALLOWED = (
             "a tokenizer writes vocabulary and JSON files only, no tensors"),
     Allowed("spin_ray/train_loop.py", "save_checkpoint", "torch.save",
             "AdamW and LR-schedule state (not model weights), read back with torch.load(weights_only=True)"),
-    Allowed("spin_ray/sweep.py", "_run_tuner", "tune.Tuner.restore",
-            "resumes the sweep's own Tune experiment only with --resume (sweep_resume.may_restore), "
+    Allowed("spin_ray/sweep/tuner.py", "run_tuner", "tune.Tuner.restore",
+            "resumes the sweep's own Tune experiment only with --resume (sweep.resume.may_restore), "
             "which trusts the run directory (docs/SECURITY.md)"),
 )
 

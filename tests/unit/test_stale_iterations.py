@@ -3,8 +3,9 @@ moved to ``<dir>.stale-<time>`` (never deleted) and redone, and nothing else is 
 
 ``self_play.run`` is driven with its stages replaced by stand-ins (no Ray, no models): the
 stand-in trains like ``run_stage`` (a finished iteration is reused as it is, else a new model is
-written and marked done). ``sweep._set_aside_if_stale`` is called directly, with the opponent
-identity ``sweep._opponent_identity`` reads from a really (re)published theta_{k-1}.
+written and marked done). ``grid.set_aside_if_stale`` (:mod:`spin_ray.sweep.grid`) is called
+directly, with the opponent identity ``grid.opponent_identity`` reads from a really (re)published
+theta_{k-1}.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from pathlib import Path
 import pytest
 
 import spin_ray.ray_session
-from spin_ray import self_play, stages, sweep
+from spin_ray import self_play, stages
 from spin_ray.config import load_config
 from spin_ray.rundir import RunDir
-from spin_ray.sweep_resume import SWEEP_DIR
+from spin_ray.sweep import grid
+
+SWEEP_DIR = RunDir.SWEEP
 
 
 def stale_names(parent: Path, name: str) -> list[str]:
@@ -87,7 +90,7 @@ def test_finished_iterations_in_order_are_reused_and_nothing_is_set_aside(tmp_pa
     assert [p.name for p in run_dir.iterdir() if ".stale-" in p.name] == []
 
 
-# ----------------------------------------------------------------------------- sweep._set_aside_if_stale
+# ----------------------------------------------------------------------------- grid.set_aside_if_stale
 
 
 def publish_theta_1(rundir: RunDir, tmp_path: Path, weights: str) -> dict:
@@ -98,7 +101,7 @@ def publish_theta_1(rundir: RunDir, tmp_path: Path, weights: str) -> dict:
     if rundir.exists("iter_1/model"):
         rundir.fs.rm(rundir.fs_path("iter_1/model"), recursive=True)
     rundir.publish_dir(local, "iter_1/model")
-    return sweep._opponent_identity(rundir, "iter_1/model")
+    return grid.opponent_identity(rundir, "iter_1/model")
 
 
 def test_sweep_keeps_trials_against_the_same_opponent(tmp_path):
@@ -107,11 +110,11 @@ def test_sweep_keeps_trials_against_the_same_opponent(tmp_path):
     identity = publish_theta_1(rundir, tmp_path, "theta_1")
     assert identity["opponent"] == "iter_1/model" and identity["publish_id"]
 
-    sweep._set_aside_if_stale(rundir, 2, identity)  # first visit: records the opponent
+    grid.set_aside_if_stale(rundir, 2, identity)  # first visit: records the opponent
     assert rundir.read_json(f"{SWEEP_DIR}/iter_2/opponent.json") == identity
     rundir.write_text_atomic(f"{SWEEP_DIR}/iter_2/trial_a/result.json", "{}")
 
-    sweep._set_aside_if_stale(rundir, 2, sweep._opponent_identity(rundir, "iter_1/model"))  # a resume
+    grid.set_aside_if_stale(rundir, 2, grid.opponent_identity(rundir, "iter_1/model"))  # a resume
     assert rundir.exists(f"{SWEEP_DIR}/iter_2/trial_a/result.json")
     assert stale_names(run_dir / SWEEP_DIR, "iter_2") == []
 
@@ -120,14 +123,14 @@ def test_sweep_sets_aside_trials_and_the_published_iteration_of_a_replaced_oppon
     run_dir = tmp_path / "run"
     rundir = RunDir(run_dir)
     old = publish_theta_1(rundir, tmp_path, "old theta_1")
-    sweep._set_aside_if_stale(rundir, 2, old)
+    grid.set_aside_if_stale(rundir, 2, old)
     rundir.write_text_atomic(f"{SWEEP_DIR}/iter_2/trial_a/result.json", '{"score": 1}')
     finished_iteration(rundir, "iter_2", "against the old theta_1")
     rundir.write_text_atomic("iter_3/model/weights.txt", "unrelated")
 
     new = publish_theta_1(rundir, tmp_path, "new theta_1")  # iteration 1 redone: a new publication
     assert new != old
-    sweep._set_aside_if_stale(rundir, 2, new)
+    grid.set_aside_if_stale(rundir, 2, new)
 
     (trials_aside,) = stale_names(run_dir / SWEEP_DIR, "iter_2")
     aside = f"{SWEEP_DIR}/{trials_aside}"
@@ -145,7 +148,7 @@ def test_sweep_sets_aside_trials_with_no_record_of_their_opponent(tmp_path):
     rundir = RunDir(run_dir)
     rundir.write_text_atomic(f"{SWEEP_DIR}/iter_1/trial_a/result.json", "{}")  # from before the marker existed
 
-    sweep._set_aside_if_stale(rundir, 1, sweep._opponent_identity(rundir, sweep.BASE))
+    grid.set_aside_if_stale(rundir, 1, grid.opponent_identity(rundir, RunDir.BASE))
 
     (aside,) = stale_names(run_dir / SWEEP_DIR, "iter_1")
     assert rundir.exists(f"{SWEEP_DIR}/{aside}/trial_a/result.json")

@@ -9,9 +9,12 @@ from types import SimpleNamespace
 import pytest
 
 from spin_ray.config import ConfigError, from_dict
+from spin_ray.run_layout import RunLayout
 from spin_ray.rundir import RunDir
-from spin_ray.sweep_config import parse_sweep
-from spin_ray.sweep_resume import RESUME_HINT, SIGNATURE_FILE, claim_run_dir
+from spin_ray.sweep.config import parse_sweep
+from spin_ray.sweep.resume import RESUME_HINT, claim_run_dir
+
+SIGNATURE_FILE = RunLayout.SWEEP_SIGNATURE
 
 
 class FakeTuner:
@@ -41,14 +44,14 @@ class FakeTuner:
 def fake_tune(monkeypatch):
     from ray import tune
 
-    import spin_ray.sweep as sweep_module
+    import spin_ray.sweep.tuner as tuner_module
 
     FakeTuner.saved, FakeTuner.calls = True, []
     monkeypatch.setattr(tune, "Tuner", FakeTuner)
     monkeypatch.setattr(tune, "with_parameters", lambda trainable, **kwargs: trainable)
     monkeypatch.setattr(tune, "with_resources", lambda trainable, resources: trainable)
-    monkeypatch.setattr(sweep_module, "trial_resources", lambda *args: {})
-    monkeypatch.setattr(sweep_module, "head_node_resource", lambda: None)
+    monkeypatch.setattr(tuner_module, "trial_resources", lambda *args: {})
+    monkeypatch.setattr(tuner_module, "head_node_resource", lambda: None)
     return FakeTuner
 
 
@@ -63,23 +66,23 @@ def shared(cfg, sweep, *, resume):
 
 
 def test_a_saved_experiment_is_not_restored_without_resume(fake_tune, sweep_setup):
-    from spin_ray.sweep import _run_tuner
+    from spin_ray.sweep.tuner import run_tuner
 
     cfg, sweep = sweep_setup
     with pytest.raises(ConfigError, match="holds a Ray Tune experiment; rerun with --resume"):
-        _run_tuner(lambda config: None, shared(cfg, sweep, resume=False), storage_rel="sweep/iter_1", param_space={})
+        run_tuner(lambda config: None, shared(cfg, sweep, resume=False), storage_rel="sweep/iter_1", param_space={})
     assert fake_tune.calls == []  # neither restored nor replaced by a new experiment
 
 
 def test_resume_restores_the_saved_experiment_and_a_fresh_one_starts_new(fake_tune, sweep_setup):
-    from spin_ray.sweep import _run_tuner
+    from spin_ray.sweep.tuner import run_tuner
 
     cfg, sweep = sweep_setup
-    _run_tuner(lambda config: None, shared(cfg, sweep, resume=True), storage_rel="sweep/iter_1", param_space={})
+    run_tuner(lambda config: None, shared(cfg, sweep, resume=True), storage_rel="sweep/iter_1", param_space={})
     assert fake_tune.calls == ["restore", "new", "fit"]
     fake_tune.saved, fake_tune.calls = False, []
     for resume in (False, True):
-        _run_tuner(lambda config: None, shared(cfg, sweep, resume=resume), storage_rel="sweep/iter_1", param_space={})
+        run_tuner(lambda config: None, shared(cfg, sweep, resume=resume), storage_rel="sweep/iter_1", param_space={})
     assert fake_tune.calls == ["new", "fit", "new", "fit"]
 
 
@@ -110,6 +113,7 @@ def test_the_command_line_passes_resume_and_turns_the_refusal_into_exit_2(monkey
     import yaml
 
     import spin_ray.sweep as sweep_module
+    import spin_ray.sweep.job as job_module
 
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "sweep": {"space": {"loss.beta": {"grid": [1]}}}}))
@@ -121,7 +125,7 @@ def test_the_command_line_passes_resume_and_turns_the_refusal_into_exit_2(monkey
             raise ConfigError(f"sweep: {cfg.run_dir} holds a sweep already; {RESUME_HINT}")
         return sweep_module.SweepResult(run_dir=cfg.run_dir)
 
-    monkeypatch.setattr(sweep_module, "run_sweep", fake_run_sweep)
+    monkeypatch.setattr(job_module, "run_sweep", fake_run_sweep)
     assert sweep_module.run_sweep_job(["--config", str(config), "--resume"]) == 0
     assert sweep_module.run_sweep_job(["--config", str(config)]) == 2
     assert seen == [True, False]

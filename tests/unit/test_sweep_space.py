@@ -19,15 +19,15 @@ from spin_ray.sweep import (
     select_winner,
     trials_markdown,
 )
-from spin_ray.sweep_config import (
+from spin_ray.sweep.config import (
     Dimension,
     SweepError,
     apply_sweep_overrides,
     load_sweep,
     parse_sweep,
     split_overrides,
-    trial_resources,
 )
+from spin_ray.sweep.tuner import trial_resources
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -262,7 +262,7 @@ def test_the_job_exits_with_2_on_a_config_error(tmp_path, capsys):
 
 def test_a_run_dir_refuses_to_resume_another_search(cfg, tmp_path):
     from spin_ray.rundir import RunDir
-    from spin_ray.sweep_resume import claim_run_dir
+    from spin_ray.sweep.resume import claim_run_dir
 
     rundir = RunDir(tmp_path / "run")
     claim_run_dir(rundir, space(cfg, {"loss.beta": {"grid": [1, 2]}}).search_signature(), resume=False)

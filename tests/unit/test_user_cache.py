@@ -70,7 +70,7 @@ def test_the_environment_variable_moves_the_cache(tmp_path, monkeypatch):
 
 
 def test_run_dir_downloads_and_model_locks_use_the_private_folder(tmp_root, monkeypatch):
-    import spin_ray.eval_run as eval_run
+    import spin_ray.eval.scoring as scoring
     from spin_ray.rundir import RunDir
 
     class FakeRemote(RunDir):
@@ -95,9 +95,9 @@ def test_run_dir_downloads_and_model_locks_use_the_private_folder(tmp_root, monk
     assert (local / "weights.safetensors").read_bytes() == b"x"
 
     locks = []
-    monkeypatch.setattr(eval_run, "RunDir", lambda parent: type("R", (), {"local_copy": lambda self, leaf: leaf})())
+    monkeypatch.setattr(scoring, "RunDir", lambda parent: type("R", (), {"local_copy": lambda self, leaf: leaf})())
     monkeypatch.setattr("filelock.FileLock", lambda path: locks.append(path) or _NullLock())
-    eval_run._local_model("s3://bucket/run/iter_1/model")
+    scoring._local_model("s3://bucket/run/iter_1/model")
     assert Path(locks[0]).parent == tmp_root / f"spin_ray-{os.getuid()}" / "locks"
     assert not list(tmp_root.glob("spin_ray_model_*")) and not (tmp_root / "spin_ray_rundir_cache").exists()
 

@@ -1,12 +1,12 @@
-"""Evaluation reports people look at: metrics.json, report.md, plots, image grids.
+"""The report's text files: metrics.json (every number, for programs) and report.md (for people).
 
-Every function takes plain data (the records of :mod:`spin_ray.evaluation`, dicts, lists
-of PIL images) and a local output directory, and returns the path it wrote. The matplotlib
-figures are in :mod:`spin_ray.report_plots` (re-exported here); this module writes the
-tables, the markdown page that ties the files together, and the image grid.
+Every function takes plain data (the records of :mod:`spin_ray.eval.metrics`, dicts) and a
+local output directory, and returns the path it wrote. report.md ties the report's files
+together: its tables, then links to the figures (:mod:`spin_ray.eval.plots`,
+:mod:`spin_ray.eval.image_grid`) with their captions.
 
 With a single scorer the Average column repeats that scorer, so report.md, metrics.png and
-the plots leave it out (:func:`spin_ray.evaluation.drop_redundant_average`); metrics.json
+the plots leave it out (:func:`spin_ray.eval.metrics.drop_redundant_average`); metrics.json
 keeps every column for programs that read it.
 """
 
@@ -19,30 +19,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont, ImageOps
-
-from spin_ray.evaluation import BOOTSTRAP_RESAMPLES, Summary, WinRate, drop_redundant_average, metric_names
-from spin_ray.report_plots import (
-    METRICS_PLOT,
-    TRAINING_CURVES,
-    Series,
-    plot_metrics,
-    plot_over_iterations,
-    plot_training_curves,
-)
-
-__all__ = [
-    "IMAGE_GRID", "METRICS_JSON", "METRICS_PLOT", "REPORT_MARKDOWN", "TRAINING_CURVES", "Series", "plot_metrics",
-    "plot_over_iterations", "plot_training_curves", "save_image_grid", "write_markdown_report",
-    "write_metrics_json", "write_report",
-]
+from spin_ray.eval.metrics import BOOTSTRAP_RESAMPLES, Summary, WinRate, drop_redundant_average, metric_names
+from spin_ray.eval.plots import METRICS_PLOT, plot_metrics
 
 METRICS_JSON = "metrics.json"
 REPORT_MARKDOWN = "report.md"
-IMAGE_GRID = "image_grid.png"
-FONT_SIZE = 14
-LINE_HEIGHT = FONT_SIZE + 4
-"""Pixels per line of text in the image grid."""
+METRICS_PLOT_CAPTION = "every model's mean per metric (bars from 0, 95% intervals)"
 TOY_REWARD_NOTE = (
     "**What the `toy` score means.** The toy reward (`spin_ray/toy/reward.py`) is a fixed, analytic judge: "
     "no learned weights, never trained, and no part of training. From the pixels alone it checks each "
@@ -199,85 +181,6 @@ def write_markdown_report(
     return _write_text_atomically(Path(out_dir) / REPORT_MARKDOWN, "\n\n".join(parts) + "\n")
 
 
-# ----------------------------------------------------------------------------- image grid
-
-
-def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> str:
-    """Shorten ``text`` with an ellipsis until it fits in ``width`` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
-
-
-def wrap_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int,
-              max_lines: int = 3) -> list[str]:
-    """Word-wrap ``text`` into lines of at most ``width`` pixels (about 35 characters for a
-    256 px cell at font size 14). At most ``max_lines`` lines: what does not fit is cut with
-    an ellipsis on the last line, as is a single word wider than a line."""
-    lines: list[str] = []
-    current = ""
-    for word in text.split():
-        candidate = f"{current} {word}" if current else word
-        if current and draw.textlength(candidate, font=font) > width:
-            lines.append(current)
-            candidate = word
-        current = candidate
-    if current:
-        lines.append(current)
-    if len(lines) > max_lines:
-        lines = [*lines[: max_lines - 1], " ".join(lines[max_lines - 1:])]
-    return [_fit_text(draw, line, font, width) for line in lines]
-
-
-def save_image_grid(
-    out_dir: str | Path,
-    images_by_model: Mapping[str, Sequence[Image.Image]],
-    prompts: Sequence[str],
-    cell_size: int = 256,
-    label_width: int = 160,
-    header_height: int = 40,
-    filename: str = IMAGE_GRID,
-    max_header_lines: int = 3,
-) -> Path:
-    """Save a grid: one row per entry of ``images_by_model`` in its order (labelled on the
-    left; a reference row such as real data is just an entry, put first), one column per
-    prompt; image j of every row belongs to prompt j (the models' from the same seed).
-
-    The prompt is word-wrapped above its column onto up to ``max_header_lines`` lines; the
-    header is ``header_height`` px or as tall as the longest wrapped prompt needs. Each
-    image is scaled to fit a ``cell_size`` square (padded, not cropped). The PNG is
-    ``label_width + len(prompts) * cell_size`` wide and ``header + len(rows) * cell_size`` high.
-    """
-    if not images_by_model or not prompts:
-        raise ValueError("save_image_grid: expected at least one model and one prompt")
-    for model, images in images_by_model.items():
-        if len(images) != len(prompts):
-            raise ValueError(f"save_image_grid: model {model!r} has {len(images)} images for {len(prompts)} prompts")
-    font = ImageFont.load_default(size=FONT_SIZE)
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    headers = [wrap_text(measure, prompt, font, cell_size - 8, max_header_lines) for prompt in prompts]
-    header = max(header_height, max(len(lines) for lines in headers) * LINE_HEIGHT + 8)
-    grid = Image.new("RGB", (label_width + len(prompts) * cell_size, header + len(images_by_model) * cell_size),
-                     "white")
-    draw = ImageDraw.Draw(grid)
-    for column, lines in enumerate(headers):
-        for number, line in enumerate(lines):
-            draw.text((label_width + column * cell_size + 4, 4 + number * LINE_HEIGHT), line, fill="black", font=font)
-    for row, (model, images) in enumerate(images_by_model.items()):
-        y = header + row * cell_size
-        text = _fit_text(draw, model, font, label_width - 8)
-        draw.text((4, y + (cell_size - FONT_SIZE) // 2), text, fill="black", font=font)
-        for column, image in enumerate(images):
-            cell = ImageOps.pad(image.convert("RGB"), (cell_size, cell_size), color="white")
-            grid.paste(cell, (label_width + column * cell_size, y))
-    path = Path(out_dir) / filename
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return path
-
-
 def write_report(
     out_dir: str | Path,
     summaries: Mapping[str, Mapping[str, Summary]],
@@ -299,7 +202,7 @@ def write_report(
         "metrics_plot": plot_metrics(out_dir, shown),
     }
     linked = dict(figures or {})
-    linked.setdefault(METRICS_PLOT, "every model's mean per metric (bars from 0, 95% intervals)")
+    linked.setdefault(METRICS_PLOT, METRICS_PLOT_CAPTION)
     paths["markdown"] = write_markdown_report(out_dir, shown, shown_rates, baseline, metadata=metadata,
                                               figures=linked)
     return paths

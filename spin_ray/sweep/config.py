@@ -1,9 +1,9 @@
-"""The ``sweep:`` section of a sweep config, parsed and checked: what :mod:`spin_ray.sweep` runs.
+"""The ``sweep:`` section of a sweep config, parsed, checked and loaded: what :mod:`spin_ray.sweep` runs.
 
 A sweep config is a normal config plus ``sweep:`` (:class:`SweepConfig`); its ``space`` uses the
 dotted keys of command-line overrides (see :mod:`spin_ray.sweep` for the modes). Everything here
-is plain data and checks, with no Ray: a bad key or range fails with its dotted path before any
-trial starts.
+is plain data and checks (Ray only names a :class:`Dimension` in Tune's terms): a bad key or
+range fails with its dotted path before any trial starts.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,30 +185,6 @@ def _check_resources(value: Any) -> dict[str, float]:
     if any(name.startswith("node:") for name in resources):
         raise ConfigError(f"{key}: 'node:' resources are set by the sweep from sweep.max_concurrent_trials")
     return resources
-
-
-def trial_resources(sweep: SweepConfig, head_resource: str) -> dict[str, float]:
-    """What each trial process reserves: ``resources_per_trial`` plus 1/max_concurrent_trials
-    (rounded down to Ray's precision, 1e-4) of ``head_resource``, the ``node:<head ip>``
-    resource (1.0 on the head node).
-
-    This caps the running trials and places the light trial processes on the head node.
-    Tune's own ``max_concurrent_trials`` cannot serve: it caps the trials that exist, paused
-    ones included, which would shrink a PBT population to that number. ``node:__internal_head__``
-    cannot serve either: Ray Train's helper actors take 0.001 of it, and would wait forever.
-    """
-    share = math.floor(1e4 / sweep.max_concurrent_trials) / 1e4
-    return {**sweep.resources_per_trial, head_resource: share}
-
-
-def head_node_resource() -> str:
-    """The ``node:<ip>`` resource of the running Ray cluster's head node."""
-    import ray
-
-    for node in ray.nodes():
-        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
-            return f"node:{node['NodeManagerAddress']}"
-    raise SweepError("no live head node in the Ray cluster (no node offers 'node:__internal_head__')")
 
 
 def _parse_dimension(key: str, spec: Any, cfg: Config) -> Dimension:

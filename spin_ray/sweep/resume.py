@@ -16,25 +16,24 @@ from typing import Any
 from spin_ray.config import ConfigError
 from spin_ray.rundir import RunDir
 
-SWEEP_DIR = "sweep"
-SIGNATURE_FILE = f"{SWEEP_DIR}/sweep.json"
 RESUME_HINT = ("rerun with --resume to continue it (Ray Tune unpickles its saved state: only for a "
                "run directory whose writers you trust) or set run_dir to a new directory")
 
 
 def claim_run_dir(rundir: RunDir, signature: dict[str, Any], *, resume: bool) -> None:
-    """Record the search in ``sweep/sweep.json``. A run dir that holds a sweep already is
-    refused unless ``resume`` (and always when it holds another search)."""
-    signature = json.loads(json.dumps(signature))
-    if rundir.exists(SIGNATURE_FILE):
-        stored = rundir.read_json(SIGNATURE_FILE)
+    """Record the search in the run dir (:attr:`~spin_ray.run_layout.RunLayout.SWEEP_SIGNATURE`).
+    A run dir that holds a sweep already is refused unless ``resume`` (and always when it holds
+    another search)."""
+    signature, record = json.loads(json.dumps(signature)), rundir.SWEEP_SIGNATURE
+    if rundir.exists(record):
+        stored = rundir.read_json(record)
         if stored != signature:
-            raise ConfigError(f"sweep: {rundir.path(SIGNATURE_FILE)} records another search ({json.dumps(stored)}); "
+            raise ConfigError(f"sweep: {rundir.path(record)} records another search ({json.dumps(stored)}); "
                               f"resuming needs the same mode, metric, space, num_samples and seed, or a new run_dir")
         if not resume:
             raise ConfigError(f"sweep: {rundir.path()} holds a sweep already; {RESUME_HINT}")
         return
-    rundir.write_json_atomic(SIGNATURE_FILE, signature)
+    rundir.write_json_atomic(record, signature)
 
 
 def may_restore(experiment: str, *, resume: bool) -> bool:

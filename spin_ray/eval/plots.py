@@ -19,7 +19,7 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from spin_ray.evaluation import Summary, metric_names
+from spin_ray.eval.metrics import Summary, metric_names
 
 METRICS_PLOT = "metrics.png"
 TRAINING_CURVES = "training_curves.png"

@@ -10,6 +10,9 @@
   are concatenated in that order. A single ``.json`` list file is read the same way.
 - a ``.txt`` file: one prompt per line, blank lines skipped.
 
+``eval.prompts`` is one such path or a list of them (:func:`prompt_set_paths`); each set gets
+a short name (:func:`prompt_set_names`), its folder in the run dir when there are several.
+
 Prompt files are downloads, so untrusted (docs/SECURITY.md): each file must be a regular file
 of at most ``max_file_bytes`` (``eval.max_prompt_file_bytes``; for parquet, the caption
 column's uncompressed bytes), checked before it is read, not after.
@@ -20,11 +23,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from spin_ray.config import ConfigError
 from spin_ray.errors import UserError
 from spin_ray.input_limits import (
     DEFAULT_MAX_PROMPT_FILE_BYTES,
@@ -44,6 +50,29 @@ LIMIT_KEY = "eval.max_prompt_file_bytes"
 
 class PromptSetError(UserError, ValueError):
     """A prompt set cannot be read; the message names the file and what was expected."""
+
+
+def prompt_set_paths(prompts: str | list[str]) -> list[str]:
+    """``eval.prompts`` (one path or a list) as a non-empty list."""
+    paths = [prompts] if isinstance(prompts, str) else list(prompts)
+    paths = [p for p in paths if p.strip()]
+    if not paths:
+        raise ConfigError("eval.prompts: no prompt set given; expected a path (a .txt, .tsv, .json or .parquet file, "
+                          "an HPSv2 benchmark directory) or 'toy', or a list of them")
+    return paths
+
+
+def prompt_set_names(paths: Sequence[str]) -> list[str]:
+    """A short, unique, file-system-safe name per prompt set (its file stem or directory name)."""
+    names: list[str] = []
+    for path in paths:
+        stem = Path(path.rstrip("/")).stem if path != "toy" else "toy"
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._") or "prompts"
+        unique, n = name, 2
+        while unique in names:
+            unique, n = f"{name}_{n}", n + 1
+        names.append(unique)
+    return names
 
 
 def load_prompts(path: str | Path, max_prompts: int | None = None,
