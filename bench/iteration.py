@@ -151,8 +151,8 @@ def run_streaming(cfg: Config, rundir: RunDir, prepared, model_dir: str) -> dict
 
     started, started_unix = time.perf_counter(), time.time()
     result = run(cfg)
-    seconds = {"streaming": result.timings[f"iter_{ITERATION}"], "streaming_with_driver": time.perf_counter() - started}
-    history = rundir.read_json(f"iter_{ITERATION}/metrics.json").get("history") or []
+    seconds = {"streaming": result.timings[rundir.iteration(ITERATION)], "streaming_with_driver": time.perf_counter() - started}
+    history = rundir.read_json(rundir.stage_metrics(rundir.iteration(ITERATION))).get("history") or []
     if history:
         first_batch, last_step = history[-1]["first_batch_time"], history[-1]["time"]
         seconds["streaming_until_first_batch"] = first_batch - started_unix
@@ -166,11 +166,11 @@ def run_two_phase(cfg: Config, rundir: RunDir, prepared, model_dir: str) -> dict
 
     n_samples = samples_per_iteration(cfg, ITERATION)
     started = time.perf_counter()
-    generate_opponents(cfg, rundir, "two_phase/opponents", model_path=model_dir, prepared=prepared,
+    generate_opponents(cfg, rundir, rundir.stage_opponents("two_phase"), model_path=model_dir, prepared=prepared,
                        iteration=ITERATION, n_samples=n_samples)
     generated = time.perf_counter()
     run_stage(cfg, rundir, "two_phase", model_path=model_dir, base_model=model_dir, prepared=prepared,
-              iteration=ITERATION, loss_type=cfg.loss.type, opponents_rel="two_phase/opponents")
+              iteration=ITERATION, loss_type=cfg.loss.type, opponents_rel=rundir.stage_opponents("two_phase"))
     done = time.perf_counter()
     return {"two_phase": done - started, "two_phase_generate": generated - started, "two_phase_train": done - generated}
 
@@ -195,7 +195,7 @@ def plain_iteration(cfg: Config, rundir: RunDir, prepared_path: str, model_dir: 
         model_path=model_dir, iteration=ITERATION, run_seed=cfg.seed, num_inference_steps=g.num_inference_steps,
         guidance_scale=g.guidance_scale, eta=g.eta,
         precompute_reference=not plan.online_reference, shared_noise=plan.shared_noise,
-        opponents_dir=rundir.path(out_rel, "opponents"), device="cpu", mixed_precision=plan.mixed_precision,
+        opponents_dir=rundir.path(rundir.stage_opponents(out_rel)), device="cpu", mixed_precision=plan.mixed_precision,
     ))
     unet, ref_unet, scheduler = load_models(plan, cpu)
     optim = Optimization.for_plan(unet, plan)
@@ -203,7 +203,7 @@ def plain_iteration(cfg: Config, rundir: RunDir, prepared_path: str, model_dir: 
     pairs = (pair_columns(generator(rows)) for rows in sample_batches(prepared_path, n_samples, plan.batch_size))
     run_steps(plan, TrainState(), pairs, StepRunner(plan, unet, ref_unet, scheduler, cpu), optim,
               report=lambda metrics, checkpoint: None)  # run_steps prints the metrics; no checkpoints here
-    save_pipeline(load_components(model_dir, local_files_only=True), rundir.local_path(f"{out_rel}/model"),
+    save_pipeline(load_components(model_dir, local_files_only=True), rundir.local_path(rundir.stage_model(out_rel)),
                   unet=unet)
 
 
