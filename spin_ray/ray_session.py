@@ -100,7 +100,14 @@ def _after_init(verbose: bool) -> None:
     # log lines, and the loading and saving bars of diffusers and transformers, are not wanted.
     DataContext.get_current().enable_progress_bars = False
     log_once("ray_data_progress_manager_disabled")  # switched off on purpose: no warning that it is
-    for name in ("ray.data", "ray.train", "ray.tune"):
+    # Ray Data logs to its own file (ray-data.log in the session's logs) and to the console; only
+    # the console handler is silenced, so the file keeps everything. Among what it would print:
+    # the full traceback of an error in our own pipeline code (a bad image), which reaches the
+    # user anyway as the exception, in one line when it is theirs to fix (spin_ray.cli.guarded).
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ != "SessionFileHandler":
+            handler.setLevel(logging.CRITICAL + 1)
+    for name in ("ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()

@@ -25,12 +25,24 @@ SHORT = [
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (ASSET_DIR / "model_index.json").exists(), reason="toy base model not built")
-def test_shortened_default_run_writes_the_report(tmp_path):
+def test_shortened_default_run_writes_the_report(tmp_path, ray_local):  # ray_local: another Ray on the machine
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run([sys.executable, str(REPO / "jobs" / "self_play.py"), f"run_dir={run_dir}", *SHORT],
-                          env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+                          env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                          preexec_fn=lambda: os.umask(0o022))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    # The console (issue 14), piped, while this test session's own Ray instance runs on the
+    # machine: spin-ray's lines and progress, no traceback, no Ray Train controller noise.
+    console = (proc.stdout + proc.stderr).splitlines()
+    assert len(console) <= 120, "\n".join(console)
+    assert not [line for line in console if "Traceback" in line or "Failed to query" in line], "\n".join(console)
+    assert any("Ray's own output" in line for line in console)
+    # Results are meant to be shared: every file and folder is readable by group and others.
+    private = [p for p in [run_dir, *run_dir.rglob("*")]
+               if not p.is_symlink() and (p.stat().st_mode & 0o044) != 0o044]
+    assert private == [], private[:10]
 
     for rel in ["prepared", "baseline_sft", "iter_1", "iter_2"]:
         assert (run_dir / rel / "DONE").exists(), rel
