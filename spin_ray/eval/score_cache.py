@@ -70,6 +70,10 @@ def model_scores(cfg: Config, rundir: RunDir, rel: str, model: str, prompts: Seq
         return stored
     rundir.remove_incomplete(rel)
     started = time.time()
+    # Said before the work: loading the model and the scorers takes a while on its own.
+    print(f"[eval] {rel}: generating {len(prompts) * cfg.eval.num_images_per_prompt} images "
+          f"({len(prompts)} prompts x {cfg.eval.num_images_per_prompt}) and scoring them with "
+          f"{', '.join(cfg.eval.scorers)}", flush=True)
     table = scoring.generate_and_score(model, prompts, cfg)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / rundir.EVAL_SCORES_FILE
