@@ -61,10 +61,19 @@ def run_job(job: Callable[[Config], object], argv: Sequence[str] | None = None, 
         if args.print_config:
             print(dump_config(cfg), end="", flush=True)
             return 0
-        job(cfg)
+        with holding_run_dir(cfg):
+            job(cfg)
         return 0
 
     return guarded(main, debug=args.debug, verbose=args.verbose)
+
+
+def holding_run_dir(cfg: Config):
+    """The run directory's lease for this job (:mod:`spin_ray.run_lease`): one driver at a time."""
+    from spin_ray.run_lease import RunLease
+    from spin_ray.rundir import RunDir
+
+    return RunLease(RunDir(cfg.run_dir), stale_s=cfg.cluster.lease_stale_s)
 
 
 def guarded(main: Callable[[], int], *, debug: bool = False, verbose: bool = False) -> int:
