@@ -45,7 +45,7 @@ from spin_ray.config import Config, with_overrides
 from spin_ray.diffusion import load_components, save_pipeline
 from spin_ray.generation import GeneratorSpec, OpponentGenerator
 from spin_ray.pair_schema import PAIR_COLUMNS
-from spin_ray.pairs import REPEAT_SHIFT
+from spin_ray.pairs import data_order, stretch_sample_ids
 from spin_ray.rundir import RunDir
 from spin_ray.train_loop import Optimization, StepRunner, TrainState, load_models, run_steps
 
@@ -200,7 +200,8 @@ def plain_iteration(cfg: Config, rundir: RunDir, prepared_path: str, model_dir: 
     unet, ref_unet, scheduler = load_models(plan, cpu)
     optim = Optimization.for_plan(unet, plan)
     n_samples = plan.steps * plan.gradient_accumulation_steps * plan.batch_size
-    pairs = (pair_columns(generator(rows)) for rows in sample_batches(prepared_path, n_samples, plan.batch_size))
+    pairs = (pair_columns(generator(rows))
+             for rows in sample_batches(prepared_path, n_samples, plan.batch_size, seed=cfg.seed))
     run_steps(plan, TrainState(), pairs, StepRunner(plan, unet, ref_unet, scheduler, cpu), optim,
               report=lambda metrics, checkpoint: None)  # run_steps prints the metrics; no checkpoints here
     save_pipeline(load_components(model_dir, local_files_only=True), rundir.local_path(rundir.stage_model(out_rel)),
@@ -212,9 +213,9 @@ def pair_columns(pairs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {name: torch.as_tensor(np.asarray(pairs[name])) for name in PAIR_COLUMNS}
 
 
-def sample_batches(prepared_path: str, n_samples: int, batch_size: int):
-    """The iteration's samples in batches, as :func:`spin_ray.pairs.sample_table` numbers them:
-    the prepared rows repeated, ``sample_id = repeat << 32 | row_id``."""
+def sample_batches(prepared_path: str, n_samples: int, batch_size: int, *, seed: int):
+    """Iteration 1's samples in batches, as :func:`spin_ray.pairs.sample_table` gives them: the
+    first ``n_samples`` positions of the data order of ``seed``, ``sample_id = pass << 32 | row_id``."""
     import ray.data  # noqa: F401  (registers the tensor column type the prepared parquet uses)
 
     table = pq.read_table(prepared_path).sort_by("row_id")
@@ -222,8 +223,8 @@ def sample_batches(prepared_path: str, n_samples: int, batch_size: int):
     embeds = table.column("prompt_embeds").combine_chunks().to_numpy(zero_copy_only=False)
     latents = table.column("latents_real").combine_chunks().to_numpy(zero_copy_only=False)
     prompts = np.asarray(table.column("prompt").to_pylist(), dtype=object)
-    index = np.arange(n_samples) % len(row_id)
-    sample_id = ((np.arange(n_samples) // len(row_id)).astype(np.int64) << REPEAT_SHIFT) | row_id[index]
+    sample_id = stretch_sample_ids(data_order(row_id, seed), 0, n_samples)
+    index = np.searchsorted(row_id, sample_id & 0xFFFFFFFF)  # the table is sorted by row_id
     for start in range(0, n_samples, batch_size):
         rows = index[start:start + batch_size]
         yield {"sample_id": sample_id[start:start + batch_size], "row_id": row_id[rows], "prompt": prompts[rows],

@@ -5,7 +5,8 @@ passed under that name to the code it configures, so ``grep`` leads from a confi
 the code that uses it. Load with :func:`load_config`; override with ``key=value`` pairs
 whose keys are dotted paths (``loss.beta=[2000,5000]``, ``train.lr=1e-5``).
 
-Per-iteration hyperparameters (``loss.beta``, ``train.lr``, ``train.steps``) accept a
+Per-iteration hyperparameters (``loss.beta``, ``train.lr``, ``train.steps``,
+``train.warmup_steps``) accept a
 scalar (the same value every iteration) or a list with one value per self-play iteration;
 read them with :func:`per_iteration`.
 
@@ -122,6 +123,14 @@ class LossConfig:
     """``h2``: weight each sample by the paper's h_t^2 (eq. C.5); ``none``: fold it into beta."""
 
 
+LrSchedule = Literal["linear", "constant", "cosine"]
+"""The learning-rate schedules after warm-up (:func:`spin_ray.train_step.make_lr_scheduler`)."""
+
+BaselineName = Literal["sft", "dpo"]
+OpponentChoice = Literal["previous", "initial"]
+"""The baselines a run can train beside self-play (``self_play.baselines``)."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation of theta on (real, synthetic) pairs."""
@@ -136,10 +145,12 @@ class TrainConfig:
     """Micro-batches per optimizer step."""
     weight_decay: float = 1e-2
     """AdamW weight decay."""
-    warmup_steps: int = 200
-    """Linear warm-up steps; the learning rate then decays linearly to 0 (per iteration)."""
-    lr_schedule: Literal["linear", "constant"] = "linear"
-    """After warm-up: ``linear`` decay to 0 at the last step, or ``constant``."""
+    warmup_steps: int | list[int] = 200
+    """Linear warm-up steps, restarted every iteration; scalar or one value per iteration (0: none).
+    A warm-up as long as the iteration's steps or longer never reaches ``train.lr``: the stage
+    prints the peak it does reach and records it as ``peak_lr`` in its metrics.json."""
+    lr_schedule: LrSchedule = "linear"
+    """After warm-up: ``linear`` decay to 0 at the last step, ``cosine`` decay to 0, or ``constant``."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables clipping)."""
     num_workers: int = 1
@@ -171,8 +182,80 @@ class SelfPlayConfig:
     iterations: int = 3
     """Number of self-play iterations K."""
     sft_baseline: bool = False
-    """Also train an SFT model from theta_0 on the same data and as many samples as all the
-    iterations together (their steps summed; iteration 1's learning rate), for comparison."""
+    """A synonym for listing ``sft`` in ``baselines`` (kept for older configs): also train the SFT
+    baseline. ``true`` together with a ``baselines`` list adds ``sft`` to it if missing."""
+    baselines: list[BaselineName] = field(default_factory=list)
+    """Baselines trained from theta_0 before the iterations, each a stage ``baseline_<name>/``
+    with its own schedule (``baselines.<name>.*``): ``sft`` (plain denoising loss on the real
+    images) and ``dpo`` (Diffusion-DPO on the data's winner/loser pairs; needs ``data.format:
+    pickapic``). The report shows each as its own row."""
+    opponent: OpponentChoice = "previous"
+    """Who plays the opponent of iteration k (generates its synthetic images and, as the
+    reference, gives the loss its errors): ``previous`` is theta_{k-1} (the paper's
+    Algorithm 1); ``initial`` is theta_0, the base model, in every iteration (Fig. 5's ablation:
+    training continues against the fixed base). Either way theta starts from theta_{k-1}'s
+    weights, so with ``initial`` iteration k's first logits are not 0 for k > 1."""
+    opponent_history: int = 1
+    """N: iteration k trains on opponents of theta_{k-1} .. theta_{k-N} (those that exist),
+    mixed in equal shares: of its n samples, each earlier iteration j = k-1 .. k-h+1 (h =
+    min(N, k)) gives n // h of the opponent rows cached in ``iter_<j>/opponents/`` (chosen by a draw seeded
+    with ``seed``, k and j) and theta_{k-1} generates the rest for new real rows. The earlier
+    rows are copied into iteration k's own cache first, their reference errors recomputed by
+    theta_{k-1} (``loss.reference: precomputed``; ``online``: by the trainer), so the loss
+    always compares theta with theta_{k-1} (SPIN for language models, Chen et al. 2024, mixes
+    iterations t and t-1). 1 (the paper): only theta_{k-1}'s own opponents. The trainer reads
+    the copied rows first, then the new ones."""
+
+
+@dataclass(frozen=True)
+class SftBaselineConfig:
+    """The SFT baseline's schedule (``self_play.baselines: [sft]``); an unset (null) value is the
+    self-play value, as the SFT baseline has always trained."""
+
+    lr: float | None = None
+    """Peak learning rate; null: iteration 1's ``train.lr``."""
+    steps: int | None = None
+    """Optimizer steps; null: all iterations' ``train.steps`` summed (as many samples as self-play
+    when the batch is the same)."""
+    batch_size: int | None = None
+    """Samples per micro-batch, per training worker; null: ``train.batch_size``."""
+    gradient_accumulation_steps: int | None = None
+    """Micro-batches per optimizer step; null: ``train.gradient_accumulation_steps``."""
+    warmup_steps: int | None = None
+    """Linear warm-up steps; null: ``train.warmup_steps``."""
+    lr_schedule: LrSchedule | None = None
+    """After warm-up: ``constant``, ``linear`` or ``cosine`` decay to 0; null: ``train.lr_schedule``."""
+
+
+@dataclass(frozen=True)
+class DpoBaselineConfig:
+    """The Diffusion-DPO baseline's schedule (``self_play.baselines: [dpo]``; Wallace et al. 2023):
+    theta_0 trained on the data's (winner, loser) pairs against theta_0 itself as the fixed
+    reference; an unset (null) value is the self-play value."""
+
+    lr: float | None = None
+    """Peak learning rate; null: iteration 1's ``train.lr``."""
+    steps: int | None = None
+    """Optimizer steps; null: all iterations' ``train.steps`` summed."""
+    batch_size: int | None = None
+    """(winner, loser) pairs per micro-batch, per training worker; null: ``train.batch_size``."""
+    gradient_accumulation_steps: int | None = None
+    """Micro-batches per optimizer step; null: ``train.gradient_accumulation_steps``."""
+    warmup_steps: int | None = None
+    """Linear warm-up steps; null: ``train.warmup_steps``."""
+    lr_schedule: LrSchedule | None = None
+    """After warm-up: ``constant``, ``linear`` or ``cosine`` decay to 0; null: ``train.lr_schedule``."""
+    beta: float | None = None
+    """KL strength beta (the Diffusion-DPO reference trainer's convention, as ``loss.beta``); null:
+    iteration 1's ``loss.beta``."""
+
+
+@dataclass(frozen=True)
+class BaselinesConfig:
+    """Schedules of the baselines that ``self_play.baselines`` turns on."""
+
+    sft: SftBaselineConfig = field(default_factory=SftBaselineConfig)
+    dpo: DpoBaselineConfig = field(default_factory=DpoBaselineConfig)
 
 
 @dataclass(frozen=True)
@@ -182,8 +265,16 @@ class EvalConfig:
     enabled: bool = False
     """Evaluate theta_0, each theta_k (and the SFT baseline) after the last iteration."""
     prompts: str | list[str] = ""
-    """Prompt set(s): a text file (one prompt a line), PartiPrompts.tsv, Pick-a-Pic parquet (a
-    split file or dir), an HPSv2 benchmark dir, or ``toy`` (the toy world's held-out prompts)."""
+    """Prompt set(s) of the report: a text file (one prompt a line), PartiPrompts.tsv, Pick-a-Pic
+    parquet (a split file or dir), an HPSv2 benchmark dir, or ``toy`` (the toy world's held-out prompts)."""
+    selection_prompts: str | list[str] = ""
+    """Prompt set(s) that choose between models (sweep trials, checkpoints): validation prompts,
+    kept apart from ``eval.prompts``, the report's test prompts. The same kinds of set as
+    ``eval.prompts``, plus ``toy_selection`` (held-out toy prompts that ``toy`` does not hold);
+    the first set ranks. Empty: nothing may select (a sweep fails and says so)."""
+    allow_selection_on_report_prompts: bool = False
+    """Let ``eval.selection_prompts`` share a set with ``eval.prompts`` (then the report's
+    numbers are biased upwards by the selection); without it such a config is refused."""
     max_prompts: int | None = None
     """Evaluate at most this many prompts per prompt set."""
     max_prompt_file_bytes: int = 64 << 20
@@ -228,6 +319,9 @@ class ClusterConfig:
     """Custom resource a node type offers to host generation actors (e.g. ``gen_node``)."""
     train_node_label: str | None = None
     """Custom resource a node type offers to host training workers (e.g. ``train_node``)."""
+    lease_stale_s: float = 120.0
+    """One driver per run directory (:mod:`spin_ray.run_lease`): a lease whose holder has not
+    renewed it for this many seconds is taken over (its driver is presumed dead)."""
 
 
 @dataclass(frozen=True)
@@ -244,11 +338,15 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     self_play: SelfPlayConfig = field(default_factory=SelfPlayConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
-PER_ITERATION_KEYS = ("loss.beta", "train.lr", "train.steps")
+PER_ITERATION_KEYS = ("loss.beta", "train.lr", "train.steps", "train.warmup_steps")
+"""Keys that take a scalar or one value per iteration (read with :func:`per_iteration`)."""
+PER_ITERATION_MAY_BE_ZERO = ("train.warmup_steps",)
+"""Per-iteration keys whose values may be 0 (the others must be positive)."""
 
 
 def per_iteration(value: Any, iteration: int) -> Any:
@@ -256,6 +354,17 @@ def per_iteration(value: Any, iteration: int) -> Any:
     if isinstance(value, list):
         return value[iteration - 1]
     return value
+
+
+BASELINE_ORDER: tuple[str, ...] = ("sft", "dpo")
+"""The order baselines train in, and their rows in the report."""
+
+
+def baseline_names(cfg: Config) -> list[str]:
+    """The baselines this run trains, in :data:`BASELINE_ORDER`: ``self_play.baselines`` plus
+    ``sft`` when ``self_play.sft_baseline`` is true."""
+    wanted = set(cfg.self_play.baselines) | ({"sft"} if cfg.self_play.sft_baseline else set())
+    return [name for name in BASELINE_ORDER if name in wanted]
 
 
 def get_by_path(cfg: Any, dotted: str) -> Any:

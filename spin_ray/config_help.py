@@ -72,7 +72,7 @@ def sections(root: type = Config, prefix: str = "") -> Iterator[tuple[str, type,
         else:
             own.append(KeyHelp(key, type_label(hints[f.name]), yaml_value(_default(f)),
                                one_line(field_docs(root).get(f.name, ""))))
-    if own:
+    if own or prefix:  # a section of sections only (``baselines``) still gets its heading
         yield prefix, root, own
     for key, cls in nested:
         yield from sections(cls, key)

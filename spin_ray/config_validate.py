@@ -15,7 +15,7 @@ import types
 import typing
 from typing import TYPE_CHECKING, Any, Literal
 
-from spin_ray.config import PER_ITERATION_KEYS, ConfigError, get_by_path
+from spin_ray.config import PER_ITERATION_KEYS, PER_ITERATION_MAY_BE_ZERO, ConfigError, get_by_path
 
 if TYPE_CHECKING:
     from spin_ray.config import Config
@@ -119,7 +119,9 @@ def validate(cfg: Config) -> Config:
                 "give one value per iteration or a single scalar"
             )
         for v in value if isinstance(value, list) else [value]:
-            if v <= 0:
+            if key in PER_ITERATION_MAY_BE_ZERO and v < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {v}")
+            if key not in PER_ITERATION_MAY_BE_ZERO and v <= 0:
                 raise ConfigError(f"{key}: must be positive, got {v}")
     positive = [
         "model.resolution", "generation.num_inference_steps", "generation.batch_size",
@@ -134,7 +136,7 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}: must be >= 1, got {get_by_path(cfg, key)}")
     if cfg.model.resolution % 8:
         raise ConfigError(f"model.resolution: must be a multiple of 8, got {cfg.model.resolution}")
-    for key in ["train.warmup_steps", "train.checkpoint_every", "train.max_grad_norm",
+    for key in ["train.checkpoint_every", "train.max_grad_norm",
                 "generation.gpus_per_actor", "data.prepare_gpus_per_actor", "generation.eta",
                 "train.max_failures"]:
         if get_by_path(cfg, key) < 0:
@@ -143,6 +145,59 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {cfg.data.max_bad_fraction}")
     if cfg.generation.guidance_scale < 1.0:
         raise ConfigError(f"generation.guidance_scale: must be >= 1, got {cfg.generation.guidance_scale}")
+    _validate_baselines(cfg)
+    _validate_selection_prompts(cfg)
+    if cfg.self_play.opponent_history < 1:
+        raise ConfigError(f"self_play.opponent_history: must be >= 1, got {cfg.self_play.opponent_history}")
+    if cfg.self_play.opponent_history > 1 and cfg.self_play.opponent == "initial":
+        raise ConfigError("self_play.opponent_history: must be 1 with self_play.opponent: initial (every "
+                          f"iteration's opponent is theta_0; there is no history to mix), got "
+                          f"{cfg.self_play.opponent_history}")
     if not cfg.data.path and cfg.model.pretrained != "toy":
         raise ConfigError("data.path: required unless model.pretrained is 'toy' (the embedded toy world)")
     return cfg
+
+
+def _validate_baselines(cfg: Config) -> None:
+    """``self_play.baselines`` without repeats, DPO only on winner/loser data, every schedule
+    value that is set in range."""
+    names = list(cfg.self_play.baselines)
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"self_play.baselines: {name!r} is listed twice, got {names}")
+    if "dpo" in names and cfg.data.format != "pickapic":
+        raise ConfigError(f"self_play.baselines: 'dpo' needs (winner, loser) pairs, which only data.format "
+                          f"'pickapic' has; got data.format {cfg.data.format!r}")
+    for name in ("sft", "dpo"):
+        schedule = getattr(cfg.baselines, name)
+        for key in ("lr", "steps", "batch_size", "gradient_accumulation_steps", "beta"):
+            value = getattr(schedule, key, None)
+            if value is not None and not value > 0:
+                raise ConfigError(f"baselines.{name}.{key}: must be positive, got {value}")
+        if schedule.warmup_steps is not None and schedule.warmup_steps < 0:
+            raise ConfigError(f"baselines.{name}.warmup_steps: must be >= 0, got {schedule.warmup_steps}")
+
+
+def _prompt_set_list(value: str | list[str]) -> list[str]:
+    return [p.strip() for p in ([value] if isinstance(value, str) else value) if p.strip()]
+
+
+def _same_prompt_set(a: str, b: str) -> bool:
+    import posixpath
+
+    def norm(path: str) -> str:
+        return path if path in ("toy", "toy_selection") or "://" in path else posixpath.normpath(
+            posixpath.expanduser(path)).rstrip("/")
+    return norm(a) == norm(b)
+
+
+def _validate_selection_prompts(cfg: Config) -> None:
+    """No model chosen on the prompts it is reported on, unless the config says it may be."""
+    if cfg.eval.allow_selection_on_report_prompts:
+        return
+    report = _prompt_set_list(cfg.eval.prompts)
+    shared = [s for s in _prompt_set_list(cfg.eval.selection_prompts) if any(_same_prompt_set(s, r) for r in report)]
+    if shared:
+        raise ConfigError(f"eval.selection_prompts and eval.prompts share {', '.join(shared)}: models would be "
+                          "selected on the prompts they are reported on; give eval.selection_prompts a validation "
+                          "set (toy_selection for toy) or set eval.allow_selection_on_report_prompts=true")

@@ -137,6 +137,30 @@ class OpponentGenerator:
         return mse_real.float().cpu().numpy(), mse_syn.float().cpu().numpy()
 
 
+class HistoryReference(OpponentGenerator):
+    """Ray Data callable class for ``self_play.opponent_history`` > 1: opponent rows cached by
+    an earlier iteration in, the same rows with the reference errors of this iteration's
+    opponent (``spec.model_path``, theta_{k-1}) at each row's own ``noise_seed`` (NaN when the
+    trainer computes the reference online), written to ``spec.opponents_dir`` as one file per
+    batch; returns the batch's ``sample_id``. The synthetic latents stay the earlier opponent's."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        embeds = torch.as_tensor(_writable(batch["prompt_embeds"]), device=self.device, dtype=self.dtype)
+        latents_real = torch.as_tensor(_writable(batch["latents_real"]), device=self.device, dtype=torch.float32)
+        latents_syn = torch.as_tensor(_writable(batch["latents_syn"]), device=self.device, dtype=torch.float32)
+        with torch.inference_mode():
+            ref_real, ref_syn = self._reference_errors(latents_real, latents_syn, embeds,
+                                                       [int(s) for s in batch["noise_seed"]])
+        out = dict(batch)
+        out["ref_mse_real"] = np.asarray(ref_real, dtype=dtype_of("ref_mse_real"))
+        out["ref_mse_syn"] = np.asarray(ref_syn, dtype=dtype_of("ref_mse_syn"))
+        if self.spec.opponents_dir:
+            write_batch(self.spec.opponents_dir, out)
+        return {"sample_id": np.asarray(batch["sample_id"])}
+
+
 def _writable(values) -> np.ndarray:
     """``values`` as an array torch may share memory with: Ray hands out read-only views of the
     object store, and a tensor over one would let an in-place op write into shared memory

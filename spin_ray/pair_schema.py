@@ -54,8 +54,10 @@ COLUMNS: tuple[Column, ...] = (
            "bytes, cast to float32 by pair_batch", spin=True, sft=True),
     Column("latents_real", "float32", "(C, h, w)", "VAE latent x0_i of the real image (prepare.py)",
            spin=True, sft=True),
-    Column("latents_syn", "float32", "(C, h, w)", "the opponent's DDIM sample x0'_i, never VAE-decoded",
-           generated=True, spin=True),
+    Column("latents_syn", "float32", "(C, h, w)", "the opponent's DDIM sample x0'_i, never VAE-decoded; "
+           "for the DPO baseline the loser's latents_lose (pairs.dpo_pairs)", generated=True, spin=True),
+    Column("latents_lose", "float32", "(C, h, w)", "VAE latent of the Pick-a-Pic loser (prepare.py; only "
+           "when a DPO baseline is configured); becomes latents_syn in the DPO baseline's pairs"),
     Column("ref_mse_real", "float32", "()", "the opponent's denoising error on x0_i at (t_i, eps_i); NaN when "
            "the trainer computes the reference online", generated=True, spin=True),
     Column("ref_mse_syn", "float32", "()", "the same on x0'_i", generated=True, spin=True),

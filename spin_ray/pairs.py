@@ -1,15 +1,23 @@
 """Ray Data pipelines that feed the trainer one iteration's samples.
 
 An iteration trains on ``n_samples = steps x batch_size x accumulation x workers`` samples.
-They are the first ``n_samples`` rows of the prepared real table, repeated as often as
-needed (each repeat gets new sample ids, hence new opponent images and noise). For SPIN
-each sample goes through the opponent generator; samples whose opponents are already on
-disk (a restarted iteration) are read back instead of generated again.
+They are a stretch of the run's *data order* (:func:`data_order`): one permutation of the
+prepared table's rows, seeded by ``cfg.seed``, read as an endless cycle. Iteration k's stretch
+starts where iteration k-1's stopped (:func:`spin_ray.stages.sample_offset`) and wraps to the
+start of the permutation only when the table is exhausted, so iterations that together need
+fewer samples than the table has rows see disjoint rows; a baseline starts at offset 0 and
+covers as many samples as its own schedule needs (with the self-play schedule: exactly the
+rows of all iterations together). Position p of the cycle is row ``order[p % n_rows]`` in
+pass ``p // n_rows``; its sample id is ``pass << 32 | row_id``, so a row seen again in a later
+pass is a new sample (new opponent image and noise). Which rows a stage used is on disk: every
+opponent file (``iter_<k>/opponents/``) holds its samples' ``sample_id`` and ``row_id``, and
+each stage's ``metrics.json`` records its stretch (``data_order``: offset, samples, rows).
+
+For SPIN each sample goes through the opponent generator; samples whose opponents are already
+on disk (a restarted iteration) are read back instead of generated again.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
@@ -39,38 +47,144 @@ def read_prepared(prepared_path: str):
     A small table (at most :data:`IN_MEMORY_TABLE_BYTES`) is read here with pyarrow and
     handed to Ray as in-memory blocks: ``read_parquet`` starts a listing task, footer-reading
     actors and read tasks for every use of it, seconds of process start-up per iteration on a
-    small machine, and once more for each repeat of the rows (:func:`sample_table`). Those
+    small machine, and once more for each pass over the rows (:func:`sample_table`). Those
     files are schema-checked first (:mod:`spin_ray.safe_parquet`): their blocks are converted
     on Ray workers, where an extension-typed column would run its Python code.
     """
-    import pyarrow as pa
     import ray.data
 
+    table = _small_table(prepared_path)
+    if table is None:
+        return ray.data.read_parquet(prepared_path, file_extensions=["parquet"])
+    return ray.data.from_arrow(table)
+
+
+def _prepared_files(prepared_path: str):
+    """(the store, the prepared parquet files relative to it, in sorted order)."""
     from spin_ray.rundir import RunDir
-    from spin_ray.safe_parquet import read_table_checked
 
     store = RunDir(prepared_path)
     files = [""] if store.is_file("") else [
         rel for rel in store.find() if rel.endswith(".parquet") and not rel.rsplit("/", 1)[-1].startswith((".", "_"))]
-    if sum(store.size(rel) for rel in files) > IN_MEMORY_TABLE_BYTES:
-        return ray.data.read_parquet(prepared_path, file_extensions=["parquet"])
+    return store, files
+
+
+def _small_table(prepared_path: str, columns: list[str] | None = None, *, always: bool = False):
+    """The prepared table (its ``columns``) read here, schema-checked; None when it is larger
+    than :data:`IN_MEMORY_TABLE_BYTES` (unless ``always``)."""
+    import pyarrow as pa
+
+    from spin_ray.safe_parquet import read_table_checked
+
+    store, files = _prepared_files(prepared_path)
+    if not always and sum(store.size(rel) for rel in files) > IN_MEMORY_TABLE_BYTES:
+        return None
     tables = []
     for rel in files:
         with store.open_read(rel) as handle:
-            tables.append(read_table_checked(handle, where=store.path(rel)))
-    return ray.data.from_arrow(pa.concat_tables(tables))
+            tables.append(read_table_checked(handle, columns, where=store.path(rel)))
+    return pa.concat_tables(tables)
 
 
-def sample_table(prepared_path: str, n_rows: int, n_samples: int):
-    """The iteration's ``n_samples`` sample rows (lazy dataset, deterministic order)."""
+DATA_ORDER_TAG = 0x0D474
+"""Mixed into the seed of :func:`data_order`, so the data order is no other draw of ``cfg.seed``."""
+
+
+def data_order(row_ids, seed: int) -> np.ndarray:
+    """The run's data order: the prepared table's row ids, sorted, then permuted by a generator
+    seeded with (``seed``, :data:`DATA_ORDER_TAG`). Depends on the set of row ids only, not on
+    how the table is split into files or blocks, so a rerun draws the same order."""
+    ids = np.sort(np.asarray(row_ids, dtype=np.int64))
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), DATA_ORDER_TAG]))
+    return ids[rng.permutation(len(ids))]
+
+
+def stretch_passes(n_rows: int, offset: int, n_samples: int) -> list[tuple[int, int, int]]:
+    """The positions ``offset .. offset + n_samples - 1`` of the endless data order as
+    (pass, first, stop) ranges of indices into the order, one per pass they touch."""
+    if n_rows < 1 or offset < 0 or n_samples < 0:
+        raise ValueError(f"stretch_passes: n_rows={n_rows}, offset={offset}, n_samples={n_samples}")
+    passes, position, end = [], offset, offset + n_samples
+    while position < end:
+        repeat, first = divmod(position, n_rows)
+        stop = min(n_rows, first + (end - position))
+        passes.append((repeat, first, stop))
+        position += stop - first
+    return passes
+
+
+def stretch_sample_ids(order: np.ndarray, offset: int, n_samples: int) -> np.ndarray:
+    """The sample ids of a stretch, in order: ``pass << 32 | row_id`` for every position."""
+    positions = np.arange(offset, offset + n_samples, dtype=np.int64)
+    rows = np.asarray(order, dtype=np.int64)[positions % len(order)]
+    return ((positions // len(order)) << REPEAT_SHIFT) | rows
+
+
+def describe_stretch(n_rows: int, offset: int, n_samples: int) -> dict[str, int]:
+    """What a stage's ``metrics.json`` records of its samples (``data_order``): positions
+    ``offset`` to ``offset + n_samples`` (exclusive) of the data order of ``n_rows`` rows, and
+    the passes over the table they fall in (pass p: positions p * n_rows .. (p + 1) * n_rows)."""
+    passes = stretch_passes(n_rows, offset, n_samples) if n_samples else [(offset // max(n_rows, 1), 0, 0)]
+    return {"offset": offset, "n_samples": n_samples, "end": offset + n_samples, "n_rows": n_rows,
+            "first_pass": passes[0][0], "last_pass": passes[-1][0]}
+
+
+def _take_rows(batch: dict[str, np.ndarray], indices: np.ndarray, repeat: int, n_rows: int) -> dict[str, np.ndarray]:
+    """The rows ``indices`` of the whole table (one block), as samples of pass ``repeat``."""
+    if len(batch["row_id"]) != n_rows:
+        raise RuntimeError(f"expected the whole prepared table ({n_rows} rows) in one block, got "
+                           f"{len(batch['row_id'])} rows")
+    return _with_sample_id({name: np.asarray(values)[indices] for name, values in batch.items()}, repeat)
+
+
+def _rows_of_pass(batch: dict[str, np.ndarray], sorted_ids: np.ndarray, ranks: np.ndarray, first: int, stop: int,
+                  repeat: int) -> dict[str, np.ndarray]:
+    """The rows of ``batch`` whose place in the data order is in [first, stop), as samples of
+    pass ``repeat`` (``ranks[i]``: the place of ``sorted_ids[i]``)."""
+    rank = ranks[np.searchsorted(sorted_ids, np.asarray(batch["row_id"], dtype=np.int64))]
+    keep = (rank >= first) & (rank < stop)
+    return _with_sample_id({name: np.asarray(values)[keep] for name, values in batch.items()}, repeat)
+
+
+def sample_table(prepared_path: str, n_rows: int, n_samples: int, *, seed: int = 0, offset: int = 0):
+    """A stage's ``n_samples`` sample rows: positions ``offset ..`` of the run's data order
+    (:func:`data_order` of ``seed``; see the module docstring). A lazy dataset in a deterministic
+    order, so a rerun regenerates the same samples.
+
+    A small prepared table (:data:`IN_MEMORY_TABLE_BYTES`) gives the stretch in the data
+    order's own order: one in-memory block, and per pass one task that takes its rows by index.
+    A large one is read with Ray Data and filtered per pass: the same samples, each pass's in
+    the table's file order (ordering them would be a full sort of the table every stage).
+    """
     if n_rows < 1:
         raise ValueError(f"{prepared_path}: the prepared table is empty")
-    base = read_prepared(prepared_path)
-    repeats = math.ceil(n_samples / n_rows)
-    copies = [base.map_batches(_with_sample_id, fn_kwargs={"repeat": r}, batch_format="numpy")
-              for r in range(repeats)]
-    table = copies[0].union(*copies[1:]) if repeats > 1 else copies[0]
-    return table.limit(n_samples)
+    import ray.data
+
+    table = _small_table(prepared_path)
+    row_ids = (table if table is not None else _small_table(prepared_path, ["row_id"], always=True)).column("row_id")
+    row_ids = row_ids.to_numpy()
+    if len(row_ids) != n_rows:
+        raise ValueError(f"{prepared_path}: holds {len(row_ids)} rows, its DONE marker says {n_rows}")
+    order = data_order(row_ids, seed)
+    passes = stretch_passes(n_rows, offset, n_samples)
+    if not passes:
+        raise ValueError(f"sample_table: no samples asked for (n_samples={n_samples})")
+    if table is not None:
+        index_of = np.argsort(row_ids, kind="stable")  # sorted place -> table row
+        table_rows = index_of[np.searchsorted(row_ids[index_of], order)]  # data order -> table row
+        base = ray.data.from_arrow(table)
+        parts = [base.map_batches(_take_rows, batch_size=None, batch_format="numpy", fn_kwargs={
+                     "indices": table_rows[first:stop], "repeat": repeat, "n_rows": n_rows})
+                 for repeat, first, stop in passes]
+    else:
+        sorted_ids = np.sort(order)
+        ranks = np.empty(n_rows, dtype=np.int64)
+        ranks[np.searchsorted(sorted_ids, order)] = np.arange(n_rows)
+        base = ray.data.read_parquet(prepared_path, file_extensions=["parquet"])
+        parts = [base.map_batches(_rows_of_pass, batch_format="numpy", fn_kwargs={
+                     "sorted_ids": sorted_ids, "ranks": ranks, "first": first, "stop": stop, "repeat": repeat})
+                 for repeat, first, stop in passes]
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
 def _without_ids(batch: dict[str, np.ndarray], done_ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -125,3 +239,25 @@ def sft_samples(samples, *, run_seed: int, iteration: int):
     return samples.map_batches(
         _with_noise_seed, fn_kwargs={"run_seed": run_seed, "iteration": iteration}, batch_format="numpy",
     ).select_columns(SFT_COLUMNS)
+
+
+def _as_dpo_pair(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if "latents_lose" not in batch:
+        raise ValueError("the prepared table has no latents_lose column: it was encoded without a DPO "
+                         "baseline configured (stages.ensure_prepared encodes the losers only then)")
+    out = {name: values for name, values in batch.items() if name != "latents_lose"}
+    out["latents_syn"] = batch["latents_lose"]
+    nan = np.full(len(batch["sample_id"]), np.nan, dtype=dtype_of("ref_mse_real"))
+    out["ref_mse_real"], out["ref_mse_syn"] = nan, nan.copy()
+    return out
+
+
+def dpo_pairs(samples, *, run_seed: int, iteration: int):
+    """(winner, loser) rows for the Diffusion-DPO baseline, in the pair-row format SPIN trains on
+    (:data:`~spin_ray.pair_schema.PAIR_COLUMNS`): ``latents_real`` = the winner, ``latents_syn`` =
+    the prepared loser (``latents_lose``), each sample's noise seed, and NaN reference errors (the
+    trainer computes theta_0's online). So the trainer needs no new shape; only the loss
+    (:func:`spin_ray.train_step.dpo_batch_loss`) and the reference differ from SPIN."""
+    return samples.map_batches(
+        _with_noise_seed, fn_kwargs={"run_seed": run_seed, "iteration": iteration}, batch_format="numpy",
+    ).map_batches(_as_dpo_pair, batch_format="numpy").select_columns(PAIR_COLUMNS)

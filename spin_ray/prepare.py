@@ -6,7 +6,9 @@ and marked done, so later iterations and reruns reuse it (docs/DESIGN.md section
 
 Output columns (:mod:`spin_ray.pair_schema`): ``row_id`` int64, ``prompt`` str,
 ``prompt_embeds`` (L, D) float16 (half the bytes; cast back to float32 by the consumers),
-``latents_real`` (C, h, w) float32.
+``latents_real`` (C, h, w) float32; with ``image_lose`` in the input rows (a Diffusion-DPO
+baseline: :func:`spin_ray.data.read_sft_dataset` ``with_loser``) also ``latents_lose`` (C, h, w)
+float32, the Pick-a-Pic loser's latent. Without a DPO baseline the loser is never read or encoded.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from spin_ray.data.stats import LOSER_COLUMN
 from spin_ray.diffusion import (
     encode_images,
     encode_prompt_ids,
@@ -54,12 +57,21 @@ class Encoder:
             latents = encode_images(self.components.vae, pixels)
             ids = tokenize(self.components.tokenizer, prompts).to(self.device)
             embeds = encode_prompt_ids(self.components.text_encoder, ids)
-        return {
+        out = {
             "row_id": np.asarray(batch["row_id"], dtype=np.int64),
             "prompt": np.asarray(prompts, dtype=object),
             "prompt_embeds": embeds.to(torch.float16).cpu().numpy(),
             "latents_real": latents.float().cpu().numpy(),
         }
+        if LOSER_COLUMN in batch:
+            out["latents_lose"] = self._encode(batch[LOSER_COLUMN])
+        return out
+
+    def _encode(self, images) -> np.ndarray:
+        """VAE latents (B, C, h, w) float32 of encoded image bytes."""
+        pixels = torch.stack([image_to_tensor(decode_image(bytes(raw)), self.spec.resolution) for raw in images])
+        with torch.inference_mode():
+            return encode_images(self.components.vae, pixels.to(self.device)).float().cpu().numpy()
 
 
 def prepare_real_table(sft_rows, spec: EncoderSpec, *, batch_size: int, num_actors: int,

@@ -1,7 +1,12 @@
-"""The self-play loop: prepare -> (generate + train) per iteration -> evaluate -> DONE.
+"""The self-play loop: prepare -> baselines -> (generate + train) per iteration -> evaluate -> DONE.
+
+The baselines (``self_play.baselines``: ``sft``, ``dpo``) train from theta_0 before the first
+iteration, each a stage ``baseline_<name>/`` (:func:`spin_ray.stages.run_baseline`).
 
 Iteration k starts from theta_{k-1}'s weights and plays against theta_{k-1} (theta_0 is
-``model.pretrained``). Every stage leaves its result in the run directory and a DONE
+``model.pretrained``), or against theta_0 with ``self_play.opponent: initial``; with
+``self_play.opponent_history`` N > 1 it also trains on the cached opponents of the N-1
+iterations before it (:func:`spin_ray.stages.opponent_history`). Every stage leaves its result in the run directory and a DONE
 marker written last; rerunning the same command skips what is done, reuses cached
 opponents of an unfinished iteration, and resumes its training from the last Ray Train
 checkpoint (see :mod:`spin_ray.run_layout` for the layout).
@@ -13,13 +18,13 @@ import time
 from dataclasses import dataclass, field
 
 from spin_ray import stages
-from spin_ray.config import Config, dump_config
+from spin_ray.config import Config, baseline_names, dump_config
 from spin_ray.rundir import RunDir
 
 
 @dataclass
 class RunResult:
-    """What a finished run produced: model directories by name (base, sft, iter_1, ...)."""
+    """What a finished run produced: model directories by name (base, sft, dpo, iter_1, ...)."""
 
     run_dir: str
     models: dict[str, str] = field(default_factory=dict)
@@ -39,8 +44,10 @@ def run(cfg: Config) -> RunResult:
     result.models["base"] = base_model
     _say_if_toy_evaluation(cfg)
     prepared = stages.ensure_prepared(cfg, rundir, base_model)
-    if cfg.self_play.sft_baseline:
-        result.models["sft"] = stages.run_sft_baseline(cfg, rundir, base_model=base_model, prepared=prepared)
+    for name in baseline_names(cfg):  # self_play.baselines (and sft_baseline): sft, dpo, each from theta_0
+        started = time.time()
+        result.models[name] = stages.run_baseline(cfg, rundir, name, base_model=base_model, prepared=prepared)
+        result.timings[rundir.baseline(name)] = time.time() - started
     last_done = rundir.last_done_iteration()
     for k in range(1, cfg.self_play.iterations + 1):
         rel = rundir.iteration(k)
@@ -51,10 +58,12 @@ def run(cfg: Config) -> RunResult:
         if rundir.is_done(rel):  # finished, but after an unfinished iteration: another opponent
             rundir.set_aside(rel, "is finished but an earlier iteration is not (it was trained against another "
                                   "opponent)")
-        opponent = base_model if k == 1 else rundir.local_copy(rundir.model(k - 1))
+        previous = base_model if k == 1 else rundir.local_copy(rundir.model(k - 1))  # theta starts here
+        opponent = base_model if cfg.self_play.opponent == "initial" else previous  # Fig. 5's fixed opponent
         started = time.time()
         result.models[rel] = stages.run_stage(cfg, rundir, rel, model_path=opponent, base_model=base_model,
-                                              prepared=prepared, iteration=k, loss_type=cfg.loss.type)
+                                              prepared=prepared, iteration=k, loss_type=cfg.loss.type,
+                                              init_model=previous, history=cfg.self_play.opponent_history)
         result.timings[rel] = time.time() - started
     if cfg.eval.enabled:
         from spin_ray.eval import evaluate_models

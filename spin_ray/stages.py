@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from spin_ray.config import Config, DataConfig, dump_config, per_iteration
+from spin_ray.config import Config, DataConfig, baseline_names, dump_config, per_iteration
 from spin_ray.rundir import RunDir
 
 
@@ -73,20 +73,30 @@ class Prepared:
 
 
 def ensure_prepared(cfg: Config, rundir: RunDir, base_model: str) -> Prepared:
-    """Encode the SFT data once per run (Ray Data: reader -> VAE/text-encoder actors)."""
+    """Encode the SFT data once per run (Ray Data: reader -> VAE/text-encoder actors).
+
+    With a DPO baseline configured the Pick-a-Pic losers are read and encoded too
+    (``latents_lose``); without one they are never read. A table prepared without them is
+    prepared again when a DPO baseline is added later (its DONE records ``loser_latents``).
+    """
+    with_loser = "dpo" in baseline_names(cfg)
     if rundir.is_done(rundir.PREPARED):
         info = rundir.read_done(rundir.PREPARED)
         path = rundir.path(rundir.prepared_data())
-        print(f"[prepare] already done in an earlier run: reusing its {info['n_rows']} encoded real rows "
-              f"in {path}", flush=True)
-        return Prepared(path=path, n_rows=int(info["n_rows"]))
+        if not with_loser or info.get("loser_latents"):
+            print(f"[prepare] already done in an earlier run: reusing its {info['n_rows']} encoded real rows "
+                  f"in {path}", flush=True)
+            return Prepared(path=path, n_rows=int(info["n_rows"]))
+        print(f"[prepare] the earlier run encoded no loser images and the dpo baseline needs them: "
+              f"preparing {path} again", flush=True)
+        rundir.remove(rundir.PREPARED)
     from spin_ray.data import read_sft_dataset
     from spin_ray.prepare import EncoderSpec, prepare_real_table
 
     rundir.remove_incomplete(rundir.PREPARED)
     started = time.time()
     data_cfg = resolve_data(cfg, rundir)
-    rows, stats = read_sft_dataset(data_cfg)
+    rows, stats = read_sft_dataset(data_cfg, with_loser=with_loser)
     table = prepare_real_table(
         rows, EncoderSpec(model_path=base_model, resolution=cfg.model.resolution),
         batch_size=cfg.data.prepare_batch_size, num_actors=cfg.data.prepare_num_actors,
@@ -95,7 +105,8 @@ def ensure_prepared(cfg: Config, rundir: RunDir, base_model: str) -> Prepared:
     path = rundir.path(rundir.prepared_data())
     table.write_parquet(path)
     n_rows = _count_rows(path)
-    info = {"n_rows": n_rows, "seconds": time.time() - started, "data": data_cfg.path, **stats.as_dict()}
+    info = {"n_rows": n_rows, "seconds": time.time() - started, "data": data_cfg.path, "loser_latents": with_loser,
+            **stats.as_dict()}
     rundir.mark_done(rundir.PREPARED, info)
     print(f"prepared {n_rows} real rows in {info['seconds']:.1f}s -> {path}", flush=True)
     return Prepared(path=path, n_rows=n_rows)
@@ -129,23 +140,170 @@ def sft_baseline_steps(cfg: Config) -> int:
     return sum(int(per_iteration(cfg.train.steps, k)) for k in range(1, cfg.self_play.iterations + 1))
 
 
+def iteration_offset(cfg: Config, iteration: int) -> int:
+    """Where iteration k's samples start in the run's data order (:func:`spin_ray.pairs.data_order`):
+    after all earlier iterations' samples, so iteration k continues where iteration k-1 stopped.
+    A baseline starts at 0 (:func:`run_baseline`)."""
+    return sum(samples_per_iteration(cfg, k) for k in range(1, iteration))
+
+
 def run_sft_baseline(cfg: Config, rundir: RunDir, *, base_model: str, prepared: Prepared) -> str:
-    """Train (or reuse) the SFT baseline from theta_0 with iteration 1's learning rate and
-    :func:`sft_baseline_steps` steps; returns its model directory."""
-    return run_stage(cfg, rundir, rundir.baseline("sft"), model_path=base_model, base_model=base_model, prepared=prepared,
-                     iteration=1, loss_type="sft", steps=sft_baseline_steps(cfg))
+    """Train (or reuse) the SFT baseline (:func:`run_baseline` ``sft``); returns its model directory."""
+    return run_baseline(cfg, rundir, "sft", base_model=base_model, prepared=prepared)
+
+
+def run_baseline(cfg: Config, rundir: RunDir, name: str, *, base_model: str, prepared: Prepared) -> str:
+    """Train (or reuse) baseline ``name`` (``sft`` or ``dpo``) from theta_0 into the stage
+    ``baseline_<name>/`` (DONE, a diffusers model, metrics.json) through :func:`run_stage`, with
+    the schedule of :func:`baseline_plan`; returns its model directory.
+
+    ``sft`` minimises the denoising error on the real images; ``dpo`` is Diffusion-DPO on the
+    data's (winner, loser) pairs (:func:`spin_ray.pairs.dpo_pairs`) against theta_0 as its fixed
+    reference, the same trainer and loss module as SPIN. Both draw iteration 1's noise seeds.
+    """
+    return run_stage(cfg, rundir, rundir.baseline(name), model_path=base_model, base_model=base_model,
+                     prepared=prepared, iteration=1, loss_type=name, plan=baseline_plan(cfg, name, base_model),
+                     offset=0)
+
+
+def baseline_plan(cfg: Config, name: str, base_model: str):
+    """Baseline ``name``'s :class:`~spin_ray.train_loop.TrainPlan`: ``baselines.<name>.*``, each
+    unset value as the SFT baseline has always trained (iteration 1's plan, lr and beta;
+    :func:`sft_baseline_steps` steps). DPO uses shared noise (Diffusion-DPO's trainer draws one
+    eps for the pair), no h_t^2 weight, and theta_0 online as its reference."""
+    from dataclasses import replace
+
+    if name not in ("sft", "dpo"):
+        raise ValueError(f"unknown baseline {name!r}: expected 'sft' or 'dpo'")
+    schedule = getattr(cfg.baselines, name)
+    plan = train_plan(cfg, base_model, 1, name, sft_baseline_steps(cfg) if schedule.steps is None else schedule.steps)
+    chosen = {key: getattr(schedule, key) for key in ("lr", "batch_size", "gradient_accumulation_steps",
+                                                      "warmup_steps", "lr_schedule")}
+    plan = replace(plan, **{key: value for key, value in chosen.items() if value is not None})
+    if name == "dpo":
+        plan = replace(plan, beta=float(schedule.beta) if schedule.beta is not None else plan.beta,
+                       online_reference=True, shared_noise=True, timestep_weighting="none")
+    return plan
+
+
+# ----------------------------------------------------------------------------- opponent history
+
+HISTORY_TAG = 0x415
+"""Mixed into the seed of :func:`choose_history_rows`, so the draw is no other draw of ``cfg.seed``."""
+
+
+@dataclass(frozen=True)
+class HistoryShare:
+    """The opponent rows an earlier iteration gives iteration k (``self_play.opponent_history``)."""
+
+    iteration: int
+    """j < k: the iteration whose cache (``iter_<j>/opponents/``, theta_{j-1}'s opponents) they come from."""
+    files: list[str]
+    """Its cached opponent files (:func:`spin_ray.opponents.cached_files`)."""
+    sample_ids: list[int]
+    """The chosen rows' sample ids, sorted."""
+
+
+def history_sources(rundir: RunDir, iteration: int, history: int) -> list[tuple[int, str]]:
+    """(j, j's opponent cache) for the earlier iterations whose opponents iteration k mixes in
+    with ``self_play.opponent_history`` = N: j = k-1 .. k-N+1, those >= 1, newest first."""
+    return [(j, rundir.opponents(j)) for j in range(iteration - 1, max(iteration - history, 0), -1)]
+
+
+def choose_history_rows(sample_ids, share: int, *, seed: int, iteration: int, source: int) -> list[int]:
+    """``share`` of ``sample_ids`` (all when there are no more), drawn without replacement by a
+    generator seeded with (``seed``, :data:`HISTORY_TAG`, ``iteration``, ``source``); sorted.
+    Depends on the set of ids only, so a rerun draws the same rows."""
+    import numpy as np
+
+    ids = np.unique(np.asarray(sample_ids, dtype=np.int64))
+    if len(ids) <= share:
+        return ids.tolist()
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), HISTORY_TAG, int(iteration), int(source)]))
+    return np.sort(rng.choice(ids, size=share, replace=False)).tolist()
+
+
+def opponent_history(cfg: Config, rundir: RunDir, iteration: int, n_samples: int,
+                     history: int | None = None) -> tuple[int, list[HistoryShare]]:
+    """How iteration k's ``n_samples`` opponents are mixed with ``history`` (default
+    ``self_play.opponent_history``) = N: equal shares. The h = min(N, k) opponents theta_{k-1} ..
+    theta_{k-h} each give ``n_samples // h`` rows: every earlier iteration j = k-1 .. k-h+1 from
+    its cache (:func:`choose_history_rows`; fewer when it holds fewer), and theta_{k-1} generates
+    the rest for new real rows. Returns (rows theta_{k-1} generates, the earlier iterations' shares)."""
+    from spin_ray.opponents import cached_files
+
+    sources = history_sources(rundir, iteration, cfg.self_play.opponent_history if history is None else history)
+    share = n_samples // (len(sources) + 1)
+    shares = []
+    for j, rel in sources:
+        files, ids = cached_files(rundir.path(rel))
+        if not files:
+            raise FileNotFoundError(f"[{rundir.iteration(iteration)}] self_play.opponent_history: iteration {j}'s "
+                                    f"opponents are not in {rundir.path(rel)} (a finished iteration keeps them)")
+        shares.append(HistoryShare(j, files, choose_history_rows(ids, share, seed=cfg.seed, iteration=iteration,
+                                                                 source=j)))
+    return n_samples - sum(len(s.sample_ids) for s in shares), shares
+
+
+def copy_history(cfg: Config, rundir: RunDir, opponents_rel: str, shares: list[HistoryShare], *, model_path: str,
+                 iteration: int) -> int:
+    """Copy the earlier iterations' chosen opponent rows into this stage's cache ``opponents_rel``
+    with the reference errors of this stage's opponent ``model_path`` (Ray Data actors,
+    :class:`~spin_ray.generation.HistoryReference`); rows already there (a rerun) are skipped.
+    Returns the number of rows copied now."""
+    import numpy as np
+    import ray.data
+
+    from spin_ray.generation import HistoryReference
+    from spin_ray.opponents import cached_files
+
+    spec = _generator_spec(cfg, rundir, opponents_rel, model_path, iteration)
+    _, present = cached_files(spec.opponents_dir)
+    copied = 0
+    for share in shares:
+        missing = np.setdiff1d(np.asarray(share.sample_ids, dtype=np.int64), present)
+        if not len(missing):
+            continue
+        print(f"[{opponents_rel}] mixing in {len(missing)} opponents of iter_{share.iteration} "
+              f"(self_play.opponent_history), reference errors by {model_path}", flush=True)
+        rows = ray.data.read_parquet(share.files).map_batches(_only_ids, fn_kwargs={"ids": missing},
+                                                              batch_format="numpy")
+        rows = rows.repartition(target_num_rows_per_block=cfg.generation.batch_size).map_batches(
+            HistoryReference, fn_constructor_args=(spec,),
+            compute=ray.data.ActorPoolStrategy(size=cfg.generation.num_actors),
+            batch_size=cfg.generation.batch_size, num_gpus=cfg.generation.gpus_per_actor or None,
+            resources=_label(cfg.cluster.generation_node_label))
+        copied += sum(len(batch["sample_id"]) for batch in rows.iter_batches(batch_size=None, batch_format="numpy"))
+    return copied
+
+
+def _only_ids(batch, ids):
+    import numpy as np
+
+    keep = np.isin(np.asarray(batch["sample_id"]), ids)
+    return {name: np.asarray(values)[keep] for name, values in batch.items()}
 
 
 def opponent_pairs(cfg: Config, rundir: RunDir, opponents_rel: str, *, model_path: str, prepared: Prepared,
-                   iteration: int, n_samples: int):
-    """The lazy dataset of (real, synthetic) pairs: theta_k (``model_path``) plays the opponent."""
+                   iteration: int, n_samples: int, offset: int | None = None,
+                   history: list[HistoryShare] | None = None):
+    """The lazy dataset of (real, synthetic) pairs: theta_k (``model_path``) plays the opponent,
+    on the data order's positions ``offset ..`` (default :func:`iteration_offset`). ``history``
+    (:func:`opponent_history`): earlier iterations' opponents, copied into ``opponents_rel``
+    first (:func:`copy_history`); the generator then makes only the rest of the ``n_samples``."""
     from spin_ray.opponents import cached_files
     from spin_ray.pairs import sample_table, spin_pairs
 
+    n_new = n_samples
+    if history:
+        copy_history(cfg, rundir, opponents_rel, history, model_path=model_path, iteration=iteration)
+        n_new = n_samples - sum(len(share.sample_ids) for share in history)
     spec = _generator_spec(cfg, rundir, opponents_rel, model_path, iteration)
     cached = cached_files(spec.opponents_dir)  # listed once, for the line below and for spin_pairs
     _say_cached_opponents(opponents_rel, cached, n_samples, cfg.generation.batch_size)
-    return spin_pairs(sample_table(prepared.path, prepared.n_rows, n_samples), spec,
+    offset = iteration_offset(cfg, iteration) if offset is None else offset
+    samples = sample_table(prepared.path, prepared.n_rows, n_new, seed=cfg.seed, offset=offset)
+    return spin_pairs(samples, spec,
                       n_samples=n_samples, batch_size=cfg.generation.batch_size, num_actors=cfg.generation.num_actors,
                       gpus_per_actor=cfg.generation.gpus_per_actor,
                       resources=_label(cfg.cluster.generation_node_label), cached=cached)
@@ -164,39 +322,59 @@ def _say_cached_opponents(opponents_rel: str, cached, n_samples: int, batch_size
 
 
 def generate_opponents(cfg: Config, rundir: RunDir, opponents_rel: str, *, model_path: str,
-                       prepared: Prepared, iteration: int, n_samples: int) -> None:
+                       prepared: Prepared, iteration: int, n_samples: int, offset: int | None = None) -> None:
     """Generate (and cache in ``opponents_rel``) the opponents without training, so several
     trainings (e.g. Tune trials of one iteration) can share them."""
     pairs = opponent_pairs(cfg, rundir, opponents_rel, model_path=model_path, prepared=prepared,
-                           iteration=iteration, n_samples=n_samples)
+                           iteration=iteration, n_samples=n_samples, offset=offset)
     for _ in pairs.iter_batches(batch_size=None):
         pass
 
 
 def run_stage(cfg: Config, rundir: RunDir, rel: str, *, model_path: str, base_model: str,
               prepared: Prepared, iteration: int, loss_type: str, opponents_rel: str | None = None,
-              steps: int | None = None) -> str:
-    """Train one model (a SPIN iteration or the SFT baseline); returns its model directory.
+              steps: int | None = None, plan=None, offset: int | None = None, init_model: str | None = None,
+              history: int = 1) -> str:
+    """Train one model (a SPIN iteration or a baseline); returns its model directory.
+
+    ``model_path`` plays the opponent (and is the reference); theta starts from ``init_model``
+    (default ``model_path``; ``self_play.opponent: initial`` passes theta_{k-1} here and theta_0
+    as the opponent). ``history`` > 1 mixes the cached opponents of earlier iterations in
+    (:func:`opponent_history`, ``self_play.opponent_history``).
 
     Opponents are cached in ``opponents_rel`` (default ``<rel>/opponents``); pass a shared
     folder to let several trainings of the same iteration reuse one generation. ``steps``
-    replaces the iteration's ``train.steps`` (the SFT baseline trains for all iterations').
+    replaces the iteration's ``train.steps``; ``plan`` replaces the whole schedule (a
+    baseline's, :func:`baseline_plan`). The ``sft`` and ``dpo`` losses generate no opponents.
+    The stage trains on the data order's positions ``offset ..`` (default
+    :func:`iteration_offset`; a baseline passes 0), recorded in its metrics.json (``data_order``).
     """
     model_rel = rundir.stage_model(rel)
     if rundir.is_done(rel):
         say_reused(rel, rundir.path(model_rel))
         return rundir.local_copy(model_rel)
+    from spin_ray.pairs import describe_stretch
     from spin_ray.trainer import checkpoint_history
 
     started = time.time()
-    plan = train_plan(cfg, model_path, iteration, loss_type, steps)
-    n_samples = samples_per_iteration(cfg, iteration, plan.steps)
-    opponents = None if loss_type == "sft" else (opponents_rel or rundir.stage_opponents(rel))
+    plan = plan or train_plan(cfg, init_model or model_path, iteration, loss_type, steps)
+    if init_model is not None and init_model != model_path and plan.online_reference:
+        from dataclasses import replace
+
+        plan = replace(plan, reference_model_path=model_path)  # the online reference is the opponent
+    n_samples = plan.steps * plan.batch_size * plan.gradient_accumulation_steps * cfg.train.num_workers
+    offset = iteration_offset(cfg, iteration) if offset is None else offset
+    peak = peak_lr(plan.lr, plan.warmup_steps, plan.steps)
+    opponents = None if loss_type in ("sft", "dpo") else (opponents_rel or rundir.stage_opponents(rel))
+    mixed = opponent_history(cfg, rundir, iteration, n_samples, history)[1] if opponents and history > 1 else []
     objective = loss_type if loss_type == "sft" else f"{loss_type}, beta={plan.beta}"  # SFT has no beta
     print(f"[{rel}] training {plan.steps} steps on {n_samples} samples{_repeat_note(prepared.n_rows, n_samples)} "
           f"({objective}, lr={plan.lr}) against {model_path}", flush=True)
+    if peak < plan.lr:
+        print(f"[{rel}] warm-up of {plan.warmup_steps} steps is longer than the {plan.steps} steps trained: "
+              f"the learning rate peaks at {peak:.3g}, not {plan.lr:g}", flush=True)
     result = _train(cfg, rundir, rel, plan, prepared=prepared, opponents=opponents, model_path=model_path,
-                    iteration=iteration, n_samples=n_samples)
+                    iteration=iteration, n_samples=n_samples, offset=offset, history=mixed)
     history = checkpoint_history(result.checkpoint)
     if rundir.is_done(model_rel):  # an earlier run died between publishing the model and marking the stage done
         print(f"[{rel}] model already published at {rundir.path(model_rel)} by an earlier run; keeping it",
@@ -206,7 +384,12 @@ def run_stage(cfg: Config, rundir: RunDir, rel: str, *, model_path: str, base_mo
     rundir.write_text_atomic(rundir.stage_config(rel), dump_config(cfg))
     rundir.write_json_atomic(rundir.stage_metrics(rel), {
         "iteration": iteration, "loss_type": loss_type, "opponent": model_path, "beta": plan.beta,
-        "lr": plan.lr, "steps": plan.steps, "n_samples": n_samples, "seconds": time.time() - started,
+        "init_model": plan.init_model_path,
+        "opponent_history": [{"iteration": share.iteration, "samples": len(share.sample_ids)} for share in mixed],
+        "lr": plan.lr, "peak_lr": peak, "warmup_steps": plan.warmup_steps, "steps": plan.steps,
+        "n_samples": n_samples,
+        "data_order": describe_stretch(prepared.n_rows, offset, n_samples - sum(len(m.sample_ids) for m in mixed)),
+        "seconds": time.time() - started,
         "history": history,
     })
     rundir.mark_done(rel, {"seconds": time.time() - started, "steps": plan.steps})
@@ -214,19 +397,22 @@ def run_stage(cfg: Config, rundir: RunDir, rel: str, *, model_path: str, base_mo
 
 
 def _train(cfg: Config, rundir: RunDir, rel: str, plan, *, prepared: Prepared, opponents: str | None,
-           model_path: str, iteration: int, n_samples: int):
+           model_path: str, iteration: int, n_samples: int, offset: int, history: list[HistoryShare] | None = None):
     """Ray Train on the stage's samples (SFT rows, or pairs against ``model_path``'s opponents
-    cached in ``opponents``), with its live progress on the console; the ``ray.train.Result``."""
-    from spin_ray.pairs import sample_table, sft_samples
+    cached in ``opponents``) at positions ``offset ..`` of the data order
+    (:func:`spin_ray.pairs.sample_table`), with its live progress on the console; the
+    ``ray.train.Result``."""
+    from spin_ray.pairs import dpo_pairs, sample_table, sft_samples
     from spin_ray.progress import StageProgress
     from spin_ray.trainer import fit
 
     if opponents is None:
-        samples = sample_table(prepared.path, prepared.n_rows, n_samples)
-        dataset = sft_samples(samples, run_seed=cfg.seed, iteration=iteration)
+        samples = sample_table(prepared.path, prepared.n_rows, n_samples, seed=cfg.seed, offset=offset)
+        make = dpo_pairs if plan.loss_type == "dpo" else sft_samples  # DPO: (winner, loser) pair rows
+        dataset = make(samples, run_seed=cfg.seed, iteration=iteration)
     else:
         dataset = opponent_pairs(cfg, rundir, opponents, model_path=model_path, prepared=prepared,
-                                 iteration=iteration, n_samples=n_samples)
+                                 iteration=iteration, n_samples=n_samples, offset=offset, history=history)
     name, storage_path = rel.replace("/", "_"), _storage_path(rundir, rel)
     _say_if_resuming(rel, storage_path, name, plan.steps)
     with StageProgress(rundir, rel, steps=plan.steps, samples_per_step=n_samples // max(plan.steps, 1),
@@ -255,6 +441,18 @@ def _say_if_resuming(rel: str, storage_path: str, name: str, steps: int) -> None
         print(f"[{rel}] training resumes from its Ray Train checkpoint at step {step} of {steps}", flush=True)
 
 
+def peak_lr(lr: float, warmup_steps: int, steps: int) -> float:
+    """The highest learning rate a stage of ``steps`` optimizer steps reaches with peak ``lr`` and
+    ``warmup_steps`` of linear warm-up (:func:`spin_ray.train_step.make_lr_scheduler`, diffusers'
+    schedules): optimizer step s (0-based) runs at ``lr * s / warmup_steps`` during warm-up and at
+    most ``lr`` after it, so with ``warmup_steps >= steps`` the last step's ``lr * (steps - 1) /
+    warmup_steps`` is the peak (the paper's iteration 1, 50 steps under 200 of warm-up at 2e-5:
+    4.9e-6); otherwise ``lr`` itself, reached at step ``warmup_steps``."""
+    if warmup_steps <= 0 or steps > warmup_steps:
+        return float(lr)
+    return float(lr) * max(steps - 1, 0) / warmup_steps
+
+
 def train_plan(cfg: Config, model_path: str, iteration: int, loss_type: str, steps: int | None = None):
     from spin_ray.trainer import TrainPlan
 
@@ -265,7 +463,8 @@ def train_plan(cfg: Config, model_path: str, iteration: int, loss_type: str, ste
         beta=float(per_iteration(cfg.loss.beta, iteration)), lr=float(per_iteration(t.lr, iteration)),
         steps=steps, batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_steps, lr_schedule=t.lr_schedule, max_grad_norm=t.max_grad_norm,
+        warmup_steps=int(per_iteration(t.warmup_steps, iteration)), lr_schedule=t.lr_schedule,
+        max_grad_norm=t.max_grad_norm,
         mixed_precision=t.mixed_precision, gradient_checkpointing=t.gradient_checkpointing,
         checkpoint_every=t.checkpoint_every, log_every=t.log_every, max_nonfinite_steps=t.max_nonfinite_steps,
         shared_noise=cfg.loss.shared_noise, timestep_weighting=cfg.loss.timestep_weighting,

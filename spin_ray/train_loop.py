@@ -49,7 +49,8 @@ class TrainPlan:
     init_model_path: str
     """Local diffusers pipeline dir of theta_k: theta starts from its UNet."""
     loss_type: str
-    """``spin`` or ``sft``."""
+    """``spin``, ``sft`` or ``dpo`` (Diffusion-DPO: the pairs are (winner, loser), the reference is
+    theta_0 = ``init_model_path``)."""
     online_reference: bool
     beta: float
     lr: float
@@ -70,6 +71,10 @@ class TrainPlan:
     seed: int
     compile: bool = False
     """``train.compile``: ``torch.compile`` theta (and the online reference)."""
+    reference_model_path: str | None = None
+    """Local diffusers pipeline dir of the online reference (``online_reference``) when it is
+    not ``init_model_path``: ``self_play.opponent: initial`` plays theta_0 while theta starts
+    from theta_{k-1}. None: ``init_model_path``."""
 
 
 # ----------------------------------------------------------------------------- state
@@ -184,12 +189,14 @@ class StepRunner:
     def forward_backward(self, columns: dict[str, torch.Tensor]) -> dict[str, float]:
         """``columns``: pair rows as the data shard yields them
         (:data:`~spin_ray.pair_schema.PAIR_COLUMNS`, batch B)."""
-        from spin_ray.train_step import sft_batch_loss, spin_batch_loss
+        from spin_ray.train_step import dpo_batch_loss, sft_batch_loss, spin_batch_loss
 
         batch = pair_batch(columns, online_reference=self.plan.online_reference)
         with self.autocast:
             if self.plan.loss_type == "sft":
                 out = sft_batch_loss(self.model, self.scheduler, batch)
+            elif self.plan.loss_type == "dpo":  # (winner, loser) pairs against theta_0 (the plan's model)
+                out = dpo_batch_loss(self.model, self.scheduler, batch, beta=self.plan.beta, ref_unet=self.ref_unet)
             else:
                 out = spin_batch_loss(
                     self.model, self.scheduler, batch, beta=self.plan.beta,
@@ -355,7 +362,8 @@ def read_history(path: Path) -> list[dict]:
 
 
 def load_models(plan: TrainPlan, device: torch.device):
-    """theta (float32 master weights, train mode), theta_k when the reference is online, and
+    """theta (float32 master weights, train mode), theta_k when the reference is online (for
+    ``dpo`` the fixed theta_0, which is also theta's starting point), and
     the scheduler, on ``device`` through the fast path (:mod:`spin_ray.fast_path`): SDPA
     attention, channels_last on CUDA, optional ``torch.compile`` (``train.compile``; under DDP
     the in-place compile gives up overlapping the gradient all-reduce with the backward pass).
@@ -368,9 +376,10 @@ def load_models(plan: TrainPlan, device: torch.device):
     unet = prepare_unet_for_training(load_unet(plan.init_model_path, local_files_only=True), device,
                                      compile=plan.compile, gradient_checkpointing=plan.gradient_checkpointing)
     ref_unet = None
-    if plan.loss_type == "spin" and plan.online_reference:
+    if plan.loss_type in ("spin", "dpo") and plan.online_reference:
         bf16 = device.type == "cuda" and plan.mixed_precision != "no"
-        ref_unet = prepare_unet_for_inference(load_unet(plan.init_model_path, local_files_only=True), device,
+        reference = plan.reference_model_path or plan.init_model_path
+        ref_unet = prepare_unet_for_inference(load_unet(reference, local_files_only=True), device,
                                               dtype=torch.bfloat16 if bf16 else torch.float32, compile=plan.compile)
     scheduler = DDIMScheduler.from_pretrained(plan.init_model_path, subfolder="scheduler")
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)

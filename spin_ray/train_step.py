@@ -1,4 +1,4 @@
-"""One SPIN (or SFT) training step in plain PyTorch: no Ray here.
+"""One SPIN (or SFT, or Diffusion-DPO) training step in plain PyTorch: no Ray here.
 
 A batch of pairs carries, per sample i: the real latent x0_i, the opponent's synthetic latent
 x0'_i (sampled by theta_k), the prompt embedding c_i and a noise seed. The seed fixes the
@@ -14,7 +14,16 @@ from __future__ import annotations
 import torch
 
 from spin_ray.diffusion import noisy_latents, predict_noise, row_noise_and_timesteps, training_target
-from spin_ray.loss import SftLossOutput, SpinLossOutput, h2_weight, per_sample_mse, sft_loss, spin_loss
+from spin_ray.loss import (
+    DpoLossOutput,
+    SftLossOutput,
+    SpinLossOutput,
+    diffusion_dpo_loss,
+    h2_weight,
+    per_sample_mse,
+    sft_loss,
+    spin_loss,
+)
 from spin_ray.pair_schema import PairBatch
 
 
@@ -66,6 +75,48 @@ def spin_batch_loss(
     The opponent's errors come from ``batch.ref_mse_*`` (precomputed by the generation
     actor) or, when ``ref_unet`` is given, from running theta_k here without gradients.
     """
+    policy_real, policy_syn, ref_real, ref_syn, timesteps = _preference_errors(
+        unet, scheduler, batch, shared_noise=shared_noise, ref_unet=ref_unet, caller="spin_batch_loss")
+    weight = None
+    if timestep_weighting == "h2":
+        weight = h2_weight(scheduler.alphas_cumprod.to(timesteps.device), timesteps)
+    return spin_loss(policy_real, policy_syn, ref_real, ref_syn, beta, weight=weight)
+
+
+def dpo_batch_loss(
+    unet: torch.nn.Module,
+    scheduler,
+    batch: PairBatch,
+    *,
+    beta: float,
+    ref_unet: torch.nn.Module | None = None,
+) -> DpoLossOutput:
+    """Diffusion-DPO loss of ``unet`` on one batch of (winner, loser) pairs (the DPO baseline).
+
+    The batch is a pair batch like SPIN's, read as ``latents_real`` = the winner x0^w and
+    ``latents_syn`` = the loser x0^l of a Pick-a-Pic pair (:func:`spin_ray.pairs.dpo_pairs`).
+    Diffusion-DPO (Wallace et al. 2023, arXiv 2311.12908, eq. 14) noises both at the same t with
+    the same eps (its reference trainer repeats one noise draw for the pair), so the noise is
+    always shared here, and the reference is the fixed base model theta_0: ``ref_unet`` (run
+    here without gradients) or the batch's precomputed ``ref_mse_*``::
+
+        L = -log sigmoid(-(beta/2) ((||eps - eps_theta(x_t^w)||^2 - ||eps - eps_ref(x_t^w)||^2)
+                                    - (||eps - eps_theta(x_t^l)||^2 - ||eps - eps_ref(x_t^l)||^2)))
+
+    with T omega(lambda_t) folded into beta as in that trainer. It is SPIN-Diffusion's eq. 4.9
+    (:func:`spin_batch_loss`) with the opponent's image replaced by the human-rejected one and
+    theta_k by theta_0: the same :func:`spin_ray.loss.diffusion_dpo_loss` maths.
+    """
+    policy_win, policy_lose, ref_win, ref_lose, _ = _preference_errors(
+        unet, scheduler, batch, shared_noise=True, ref_unet=ref_unet, caller="dpo_batch_loss")
+    return diffusion_dpo_loss(policy_win, policy_lose, ref_win, ref_lose, beta)
+
+
+def _preference_errors(unet: torch.nn.Module, scheduler, batch: PairBatch, *, shared_noise: bool,
+                       ref_unet: torch.nn.Module | None, caller: str):
+    """(policy real, policy syn, reference real, reference syn, timesteps), each (B,): the
+    errors of the policy (with gradient) and of the frozen reference (``ref_unet``, or the
+    batch's precomputed ``ref_mse_*``) on both latents of every pair."""
     policy_real, policy_syn, timesteps = pair_errors(
         unet, scheduler, batch.latents_real, batch.latents_syn, batch.prompt_embeds,
         batch.noise_seed, shared_noise=shared_noise,
@@ -79,11 +130,8 @@ def spin_batch_loss(
     elif batch.ref_mse_real is not None and batch.ref_mse_syn is not None:
         ref_real, ref_syn = batch.ref_mse_real.float(), batch.ref_mse_syn.float()
     else:
-        raise ValueError("spin_batch_loss: the batch has no ref_mse_real/ref_mse_syn and no ref_unet was given")
-    weight = None
-    if timestep_weighting == "h2":
-        weight = h2_weight(scheduler.alphas_cumprod.to(timesteps.device), timesteps)
-    return spin_loss(policy_real, policy_syn, ref_real, ref_syn, beta, weight=weight)
+        raise ValueError(f"{caller}: the batch has no ref_mse_real/ref_mse_syn and no ref_unet was given")
+    return policy_real, policy_syn, ref_real, ref_syn, timesteps
 
 
 def sft_batch_loss(unet: torch.nn.Module, scheduler, batch: PairBatch) -> SftLossOutput:
@@ -105,10 +153,11 @@ def make_optimizer(params, *, lr: float, weight_decay: float) -> torch.optim.Ada
 
 
 def make_lr_scheduler(optimizer, *, schedule: str, warmup_steps: int, total_steps: int):
-    """Linear warm-up, then linear decay to 0 at ``total_steps`` (or constant)."""
+    """Linear warm-up, then linear (``linear``) or half-cosine (``cosine``) decay to 0 at
+    ``total_steps``, or ``constant``."""
     from diffusers.optimization import get_scheduler
 
-    name = "linear" if schedule == "linear" else "constant_with_warmup"
+    name = {"linear": "linear", "cosine": "cosine"}.get(schedule, "constant_with_warmup")
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
 

@@ -4,7 +4,8 @@ Formats (``DataConfig.format``):
 
 - ``pickapic``: Pick-a-Pic v2 parquet (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``,
   ``label_1``; other columns ignored). The winner is ``jpg_0`` when ``label_0 == 1`` and
-  ``jpg_1`` when ``label_0 == 0``; ties (0.5) are dropped and counted.
+  ``jpg_1`` when ``label_0 == 0``; ties (0.5) are dropped and counted. With ``with_loser`` (a
+  Diffusion-DPO baseline) the other image is kept too, as ``image_lose``.
 - ``parquet``: ``prompt_column`` + ``image_column`` holding encoded bytes, or a struct with
   a ``bytes`` field (how Hugging Face ``datasets`` writes images).
 - ``folder``: image files plus ``metadata.jsonl`` or ``metadata.csv`` at the root, with
@@ -77,7 +78,9 @@ from spin_ray.data.plan import FOLDER_ROWS_PER_UNIT, METADATA_FILES, ReadUnit, p
 from spin_ray.data.read import iter_sft_rows, read_sft_dataset, read_unit, read_units_batch
 from spin_ray.data.stats import (
     BAD_REASONS,
+    LOSER_COLUMN,
     OUTPUT_SCHEMA,
+    PAIR_OUTPUT_SCHEMA,
     STATUS_OK,
     STATUS_TIE,
     TAGGED_SCHEMA,
@@ -87,7 +90,7 @@ from spin_ray.data.stats import (
 )
 
 __all__ = [
-    "BAD_REASONS", "FOLDER_FILE_FIELD", "FOLDER_ROWS_PER_UNIT", "METADATA_FILES", "OUTPUT_SCHEMA",
+    "BAD_REASONS", "FOLDER_FILE_FIELD", "LOSER_COLUMN", "PAIR_OUTPUT_SCHEMA", "FOLDER_ROWS_PER_UNIT", "METADATA_FILES", "OUTPUT_SCHEMA",
     "PICKAPIC_COLUMNS", "PICKAPIC_LABELS", "STATUS_OK", "STATUS_TIE", "TAGGED_SCHEMA", "DataError",
     "OnBadRow", "ReadStats", "ReadUnit", "check_columns", "clean_folder_records", "clean_image_text_table",
     "clean_pickapic_table", "image_problem", "iter_sft_rows", "list_parquet_files", "plan_read",

@@ -76,8 +76,8 @@ class _Tagger:
         self.max_image_bytes = max_image_bytes
         self.columns: dict[str, list] = {name: [] for name in TAGGED_SCHEMA.names}
 
-    def keep(self, index: int, prompt: str, image: bytes) -> None:
-        self._append(index, prompt, image, STATUS_OK)
+    def keep(self, index: int, prompt: str, image: bytes, loser: bytes = b"") -> None:
+        self._append(index, prompt, image, STATUS_OK, loser)
 
     def tie(self, index: int) -> None:
         self._append(index, "", b"", STATUS_TIE)
@@ -90,8 +90,8 @@ class _Tagger:
             )
         self._append(index, "", b"", reason)
 
-    def _append(self, index: int, prompt: str, image: bytes, status: str) -> None:
-        for name, value in zip(TAGGED_SCHEMA.names, (prompt, image, self.first_row_id + index, status),
+    def _append(self, index: int, prompt: str, image: bytes, status: str, loser: bytes = b"") -> None:
+        for name, value in zip(TAGGED_SCHEMA.names, (prompt, image, self.first_row_id + index, loser, status),
                                strict=True):
             self.columns[name].append(value)
 
@@ -104,14 +104,17 @@ class _Tagger:
 
 def clean_pickapic_table(table: pa.Table, *, path: str, file_row_offset: int = 0, first_row_id: int = 0,
                          prompt_column: str = "caption", on_bad_row: OnBadRow = "fail",
-                         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> pa.Table:
-    """Pick-a-Pic v2 rows -> tagged table (winner image, caption, row_id, status).
+                         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, with_loser: bool = False) -> pa.Table:
+    """Pick-a-Pic v2 rows -> tagged table (winner image, caption, row_id, loser image, status).
 
     Args:
         table: rows with ``prompt_column``, ``jpg_0``, ``jpg_1``, ``label_0``, ``label_1``.
         path: source file, for messages.
         file_row_offset: index in ``path`` of the table's first row.
         first_row_id: ``row_id`` of the table's first row.
+        with_loser: keep the loser image too (``image_lose``, for Diffusion-DPO), checked like the
+            winner (a loser that does not decode is a ``bad_image`` row); else it is not read.
+            Ties (label 0.5) have no winner and are dropped and counted either way.
     """
     check_columns(table.schema, "pickapic", prompt_column, "", path)
     tagger = _Tagger(path, file_row_offset, first_row_id, on_bad_row, max_image_bytes=max_image_bytes)
@@ -127,8 +130,9 @@ def clean_pickapic_table(table: pa.Table, *, path: str, file_row_offset: int = 0
             tagger.tie(i)
             continue
         winner = 0 if label_0 == 1.0 else 1
+        loser = images[1 - winner][i].as_py() if with_loser else None
         _check_and_keep(tagger, i, columns[prompt_column][i], prompt_column,
-                        images[winner][i].as_py(), f"jpg_{winner}")
+                        images[winner][i].as_py(), f"jpg_{winner}", loser=loser, loser_field=f"jpg_{1 - winner}")
     return tagger.table()
 
 
@@ -180,7 +184,8 @@ def clean_folder_records(records: Sequence[dict[str, Any]], *, metadata_path: st
 
 
 def _check_and_keep(tagger: _Tagger, index: int, prompt: Any, prompt_field: str, image: bytes | None,
-                    image_field: str) -> None:
+                    image_field: str, loser: bytes | None = None, loser_field: str = "") -> None:
+    """Keep the row when its prompt and image (and ``loser``, when given) are good, else tag it bad."""
     prompt_issue = _prompt_problem(prompt)
     if prompt_issue is not None:
         tagger.bad(index, "empty_prompt", prompt_field, prompt_issue)
@@ -189,4 +194,9 @@ def _check_and_keep(tagger: _Tagger, index: int, prompt: Any, prompt_field: str,
     if image_issue is not None:
         tagger.bad(index, "bad_image", image_field, image_issue)
         return
-    tagger.keep(index, prompt, image)
+    if loser is not None:
+        loser_issue = image_problem(loser, tagger.max_image_bytes)
+        if loser_issue is not None:
+            tagger.bad(index, "bad_image", loser_field, loser_issue)
+            return
+    tagger.keep(index, prompt, image, loser or b"")

@@ -25,7 +25,7 @@ from spin_ray.data.cleaning import (
 from spin_ray.data.errors import SKIP_HINT, DataError, one_line
 from spin_ray.data.files import split_uri
 from spin_ray.data.plan import ReadUnit, plan_read
-from spin_ray.data.stats import STATUS_OK, TAGGED_SCHEMA, ReadStats, select_kept, tagged_stats
+from spin_ray.data.stats import LOSER_COLUMN, STATUS_OK, TAGGED_SCHEMA, ReadStats, select_kept, tagged_stats
 from spin_ray.input_limits import InputLimitError, read_parquet_capped
 
 if TYPE_CHECKING:
@@ -35,8 +35,9 @@ if TYPE_CHECKING:
 # ----------------------------------------------------------------------------- reading units
 
 
-def read_unit(unit: ReadUnit, cfg: DataConfig) -> pa.Table:
-    """Read and check one unit: its tagged table (output columns + ``status``)."""
+def read_unit(unit: ReadUnit, cfg: DataConfig, with_loser: bool = False) -> pa.Table:
+    """Read and check one unit: its tagged table (output columns + ``status``); ``with_loser``:
+    Pick-a-Pic rows keep their loser image too (:func:`clean_pickapic_table`)."""
     if cfg.format == "folder":
         root = unit.path.rsplit("/", 1)[0]
         return clean_folder_records(unit.records, metadata_path=unit.path, root=root,
@@ -50,7 +51,8 @@ def read_unit(unit: ReadUnit, cfg: DataConfig) -> pa.Table:
     if cfg.format == "pickapic":
         return clean_pickapic_table(table, path=unit.path, file_row_offset=unit.file_row_offset,
                                     first_row_id=unit.first_row_id, prompt_column=cfg.prompt_column,
-                                    on_bad_row=cfg.on_bad_row, max_image_bytes=cfg.max_image_bytes)
+                                    on_bad_row=cfg.on_bad_row, max_image_bytes=cfg.max_image_bytes,
+                                    with_loser=with_loser)
     return clean_image_text_table(table, path=unit.path, file_row_offset=unit.file_row_offset,
                                   first_row_id=unit.first_row_id, prompt_column=cfg.prompt_column,
                                   image_column=cfg.image_column, on_bad_row=cfg.on_bad_row,
@@ -76,21 +78,24 @@ def _unreadable_group(unit: ReadUnit, cfg: DataConfig, err: Exception) -> pa.Tab
         "prompt": [""] * unit.num_rows,
         "image": [b""] * unit.num_rows,
         "row_id": list(range(unit.first_row_id, unit.first_row_id + unit.num_rows)),
+        LOSER_COLUMN: [b""] * unit.num_rows,
         "status": ["unreadable_file"] * unit.num_rows,
     }, schema=TAGGED_SCHEMA)
 
 
-def read_units_batch(batch: pa.Table, cfg: DataConfig) -> pa.Table:
+def read_units_batch(batch: pa.Table, cfg: DataConfig, with_loser: bool = False) -> pa.Table:
     """``map_batches`` body: a batch of JSON-encoded units (column ``unit``) -> one tagged table."""
-    tables = [read_unit(ReadUnit.from_json(text), cfg) for text in batch.column("unit").to_pylist()]
+    tables = [read_unit(ReadUnit.from_json(text), cfg, with_loser) for text in batch.column("unit").to_pylist()]
     return pa.concat_tables(tables) if tables else TAGGED_SCHEMA.empty_table()
 
 
 # ----------------------------------------------------------------------------- plain Python reader
 
 
-def iter_sft_rows(cfg: DataConfig, stats: ReadStats | None = None) -> Iterator[dict[str, Any]]:
-    """Yield ``{"prompt", "image", "row_id"}`` rows in ``row_id`` order, without Ray.
+def iter_sft_rows(cfg: DataConfig, stats: ReadStats | None = None, with_loser: bool = False
+                  ) -> Iterator[dict[str, Any]]:
+    """Yield ``{"prompt", "image", "row_id"}`` rows in ``row_id`` order, without Ray (plus
+    ``image_lose``, the Pick-a-Pic loser, when ``with_loser``).
 
     ``stats`` (if given) is updated as units are read. After the last row (or at
     ``max_rows``) the bad-row share is checked against ``max_bad_fraction`` and a
@@ -100,11 +105,11 @@ def iter_sft_rows(cfg: DataConfig, stats: ReadStats | None = None) -> Iterator[d
     units, plan_stats = plan_read(cfg)
     stats.add(plan_stats)
     for unit in units:
-        tagged = read_unit(unit, cfg)
+        tagged = read_unit(unit, cfg, with_loser)
         unit_stats = tagged_stats(tagged)
         unit_stats.rows_kept = 0  # counted below, as rows are delivered
         stats.add(unit_stats)
-        for row in select_kept(tagged).to_pylist():
+        for row in select_kept(tagged, with_loser=with_loser).to_pylist():
             if cfg.max_rows is not None and stats.rows_kept >= cfg.max_rows:
                 break
             stats.rows_kept += 1
@@ -123,8 +128,9 @@ def _finish(stats: ReadStats, cfg: DataConfig) -> None:
 # ----------------------------------------------------------------------------- Ray Data reader
 
 
-def read_sft_dataset(cfg: DataConfig) -> tuple[ray.data.Dataset, ReadStats]:
-    """The SFT rows as a Ray dataset (``prompt``, ``image``, ``row_id``) and the read's stats.
+def read_sft_dataset(cfg: DataConfig, with_loser: bool = False) -> tuple[ray.data.Dataset, ReadStats]:
+    """The SFT rows as a Ray dataset (``prompt``, ``image``, ``row_id``, and ``image_lose`` when
+    ``with_loser``: a DPO baseline's (winner, loser) pairs) and the read's stats.
 
     Reads and checks every unit once in Ray tasks (materialised; see the module docstring),
     raises :class:`DataError` on a bad row under ``fail``, on too many bad rows under
@@ -134,7 +140,7 @@ def read_sft_dataset(cfg: DataConfig) -> tuple[ray.data.Dataset, ReadStats]:
     parts = []
     ok_ids: list[pa.Array] = []
     for window in _windows(units, cfg.max_rows, stats):
-        tagged = _materialize_tagged(window, cfg)
+        tagged = _materialize_tagged(window, cfg, with_loser)
         parts.append(tagged)
         for batch in tagged.select_columns(["row_id", "status"]).iter_batches(batch_format="pyarrow",
                                                                              batch_size=None):
@@ -146,16 +152,18 @@ def read_sft_dataset(cfg: DataConfig) -> tuple[ray.data.Dataset, ReadStats]:
         stats.rows_kept = min(stats.rows_kept, cfg.max_rows)
     _finish(stats, cfg)
     dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    return dataset.map_batches(select_kept, fn_kwargs={"max_row_id": cutoff}, batch_format="pyarrow"), stats
+    return dataset.map_batches(select_kept, fn_kwargs={"max_row_id": cutoff, "with_loser": with_loser},
+                               batch_format="pyarrow"), stats
 
 
-def _materialize_tagged(units: list[ReadUnit], cfg: DataConfig) -> ray.data.MaterializedDataset:
+def _materialize_tagged(units: list[ReadUnit], cfg: DataConfig, with_loser: bool = False
+                        ) -> ray.data.MaterializedDataset:
     """Read ``units`` in Ray tasks (one block each) into a materialised tagged dataset."""
     import ray.data  # Ray only at this edge: the pure readers above must not need it
 
     items = [{"unit": unit.to_json()} for unit in units]
     tagged = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        read_units_batch, fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow",
+        read_units_batch, fn_kwargs={"cfg": cfg, "with_loser": with_loser}, batch_size=1, batch_format="pyarrow",
     )
     # Without this, Ray Data wraps a task's DataError in a UserCodeException whose cause is
     # lost on the way to the driver. The setting lives in this dataset's own context only.

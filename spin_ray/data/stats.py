@@ -19,7 +19,11 @@ STATUS_TIE = "tie"
 BAD_REASONS = ("bad_image", "empty_prompt", "bad_label", "unreadable_file", "bad_metadata")
 
 OUTPUT_SCHEMA = pa.schema([("prompt", pa.string()), ("image", pa.binary()), ("row_id", pa.int64())])
-TAGGED_SCHEMA = OUTPUT_SCHEMA.append(pa.field("status", pa.string()))
+LOSER_COLUMN = "image_lose"
+"""The Pick-a-Pic loser's image bytes, read only for a DPO baseline (``with_loser``); empty otherwise."""
+PAIR_OUTPUT_SCHEMA = OUTPUT_SCHEMA.append(pa.field(LOSER_COLUMN, pa.binary()))
+"""The output rows with the loser image (``with_loser``): (winner, loser) pairs for Diffusion-DPO."""
+TAGGED_SCHEMA = PAIR_OUTPUT_SCHEMA.append(pa.field("status", pa.string()))
 
 
 @dataclass
@@ -85,9 +89,11 @@ def tagged_stats(tagged: pa.Table) -> ReadStats:
     return stats
 
 
-def select_kept(tagged: pa.Table, max_row_id: int | None = None) -> pa.Table:
-    """The ``ok`` rows of a tagged table (optionally only ``row_id <= max_row_id``), output schema."""
+def select_kept(tagged: pa.Table, max_row_id: int | None = None, with_loser: bool = False) -> pa.Table:
+    """The ``ok`` rows of a tagged table (optionally only ``row_id <= max_row_id``), output schema
+    (:data:`PAIR_OUTPUT_SCHEMA`, with the loser image, when ``with_loser``)."""
     keep = pc.equal(tagged.column("status"), STATUS_OK)
     if max_row_id is not None:
         keep = pc.and_(keep, pc.less_equal(tagged.column("row_id"), max_row_id))
-    return tagged.filter(keep).select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+    schema = PAIR_OUTPUT_SCHEMA if with_loser else OUTPUT_SCHEMA
+    return tagged.filter(keep).select(schema.names).cast(schema)

@@ -39,10 +39,15 @@ SPIN_LABEL = "SPIN (iteration 0 = base)"
 SFT_LABEL = "SFT baseline (same samples)"
 SFT_OFFSET = 0.15
 """x offset of the SFT marker from the last iteration, so neither error bar hides the other."""
+DPO_SERIES = "dpo"
+DPO_LABEL = "Diffusion-DPO baseline (winner/loser pairs)"
+DPO_OFFSET = 0.3
+"""x offset of the Diffusion-DPO marker from the last iteration (beside the SFT one)."""
 REFERENCE_ROW = "real (data)"
 """Label of the image grid's first row, the toy world's renderings of the prompts."""
 
 _SFT = re.compile(r"^(?:.*_)?sft$")
+_DPO = re.compile(r"^(?:.*_)?dpo$")
 
 
 def self_play_order(model_names: Sequence[str]) -> tuple[list[str], str | None] | None:
@@ -72,7 +77,8 @@ def iteration_series(summaries: Mapping[str, Mapping[str, Summary]], statistic: 
     :func:`spin_ray.eval.plots.plot_over_iterations`.
 
     Series ``spin``: base at x = 0 and iter_k at x = k, a line. Series ``sft`` (when there is
-    an SFT model): ONE marker without a line at x = K + :data:`SFT_OFFSET` (SFT is a single
+    an SFT model; likewise ``dpo`` for a model named ``dpo`` at x = K + :data:`DPO_OFFSET`):
+    ONE marker without a line at x = K + :data:`SFT_OFFSET` (SFT is a single
     model trained on the same real samples, not a trend across iterations). For the mean,
     both carry the 95% bootstrap interval as error bars. The Average column is left out
     when there is one scorer (it would repeat it). Empty when the models are not self-play
@@ -82,6 +88,7 @@ def iteration_series(summaries: Mapping[str, Mapping[str, Summary]], statistic: 
     if order is None:
         return {}
     spin, sft = order
+    dpo = next((name for name in summaries if _DPO.match(name)), None)
     shown = metrics.drop_redundant_average(summaries)
     series: dict[str, dict[str, Series]] = {}
     for metric in metrics.metric_names(shown):
@@ -90,6 +97,9 @@ def iteration_series(summaries: Mapping[str, Mapping[str, Summary]], statistic: 
         if sft is not None:
             values[SFT_SERIES] = _series([shown[sft][metric]], [len(spin) - 1 + SFT_OFFSET], statistic, SFT_LABEL,
                                          connect=False, marker="D")
+        if dpo is not None:  # the Diffusion-DPO baseline, one marker beside SFT's
+            values[DPO_SERIES] = _series([shown[dpo][metric]], [len(spin) - 1 + DPO_OFFSET], statistic, DPO_LABEL,
+                                         connect=False, marker="s")
         series[metric] = values
     return series
 
@@ -127,7 +137,8 @@ def training_histories(rundir: RunDir, models: Sequence[str]) -> dict[str, list[
     readable, non-empty history are left out (an evaluation-only run dir has none)."""
     stages = {stage for stage in map(rundir.stage_of_model, models) if stage is not None}
     histories: dict[str, list[dict[str, Any]]] = {}
-    for stage in sorted(stages, key=lambda name: iteration_number(name) or 0):  # the SFT baseline first
+    # the baselines first (SFT, then DPO), then the iterations in order
+    for stage in sorted(stages, key=lambda name: (iteration_number(name) or 0, name != RunLayout.baseline("sft"))):
         rel = rundir.stage_metrics(stage)
         try:
             history = rundir.read_json(rel).get("history") if rundir.exists(rel) else None
@@ -157,8 +168,8 @@ def write_report_figures(out_dir: str, rundir: RunDir, prompts: Sequence[str], c
     figures = {grid.name: f"image 0 of the first {count} prompts, one row per model, same seed per column{first_row}"}
     for metric, series in iteration_series(summaries).items():
         path = plots.plot_over_iterations(out_dir, series, metric)
-        figures[path.name] = (f"{metric} across self-play iterations (base = 0, iter_k = k; the SFT baseline as "
-                              "its own point; mean with 95% interval)")
+        figures[path.name] = (f"{metric} across self-play iterations (base = 0, iter_k = k; the SFT and DPO "
+                              "baselines as their own points; mean with 95% interval)")
     figures[plots.METRICS_PLOT] = METRICS_PLOT_CAPTION
     curves = plots.plot_training_curves(out_dir, training_histories(rundir, list(columns)))
     if curves is not None:

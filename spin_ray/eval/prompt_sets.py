@@ -1,6 +1,9 @@
 """Evaluation prompt sets: one loader that recognises the set from its path.
 
-- ``toy``: the toy world's held-out validation prompts (:func:`spin_ray.toy.world.validation_prompts`).
+- ``toy``: the toy world's held-out validation prompts (:func:`spin_ray.toy.world.validation_prompts`),
+  the report's set.
+- ``toy_selection``: other held-out toy prompts, none of them in ``toy``
+  (:func:`spin_ray.toy.world.selection_prompts`), for ``eval.selection_prompts``.
 - a ``.parquet`` file, or a directory of them: Pick-a-Pic (e.g. the ``test_unique`` or
   ``validation_unique`` split files); the ``caption`` column, with or without the image
   columns, deduplicated in order.
@@ -12,6 +15,8 @@
 
 ``eval.prompts`` is one such path or a list of them (:func:`prompt_set_paths`); each set gets
 a short name (:func:`prompt_set_names`), its folder in the run dir when there are several.
+``eval.selection_prompts`` names the sets that choose between models (sweep trials,
+checkpoints; :func:`selection_prompt_set`), kept apart from the report's.
 
 Prompt files are downloads, so untrusted (docs/SECURITY.md): each file must be a regular file
 of at most ``max_file_bytes`` (``eval.max_prompt_file_bytes``; for parquet, the caption
@@ -40,8 +45,10 @@ from spin_ray.input_limits import (
     read_parquet_capped,
 )
 from spin_ray.safe_parquet import UnsafeParquetError, check_schema
-from spin_ray.toy.world import validation_prompts
+from spin_ray.toy.world import selection_prompts, validation_prompts
 
+TOY_SETS = {"toy": validation_prompts, "toy_selection": selection_prompts}
+"""The toy world's named prompt sets: the report's and the selection's (disjoint)."""
 PICKAPIC_CAPTION = "caption"
 PARTIPROMPTS_COLUMN = "Prompt"
 HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
@@ -62,11 +69,23 @@ def prompt_set_paths(prompts: str | list[str]) -> list[str]:
     return paths
 
 
+def selection_prompt_set(selection_prompts: str | list[str]) -> str:
+    """The prompt set that ranks models (sweep trials, checkpoints): the first of
+    ``eval.selection_prompts``; a one-line error when none is given."""
+    paths = [selection_prompts] if isinstance(selection_prompts, str) else list(selection_prompts)
+    paths = [p for p in paths if p.strip()]
+    if not paths:
+        raise ConfigError("eval.selection_prompts: no prompt set to select models on; set it to validation prompts "
+                          "apart from eval.prompts (toy_selection for the toy world, Pick-a-Pic validation_unique "
+                          "for the paper)")
+    return paths[0]
+
+
 def prompt_set_names(paths: Sequence[str]) -> list[str]:
     """A short, unique, file-system-safe name per prompt set (its file stem or directory name)."""
     names: list[str] = []
     for path in paths:
-        stem = Path(path.rstrip("/")).stem if path != "toy" else "toy"
+        stem = Path(path.rstrip("/")).stem if path not in TOY_SETS else path
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._") or "prompts"
         unique, n = name, 2
         while unique in names:
@@ -81,7 +100,8 @@ def load_prompts(path: str | Path, max_prompts: int | None = None,
     a file over ``max_file_bytes`` is refused unread."""
     if max_prompts is not None and max_prompts < 1:
         raise PromptSetError(f"max_prompts: must be >= 1 or None, got {max_prompts}")
-    prompts = validation_prompts() if str(path) == "toy" else _load_path(Path(path), max_file_bytes)
+    toy = TOY_SETS.get(str(path))
+    prompts = toy() if toy is not None else _load_path(Path(path), max_file_bytes)
     if not prompts:
         raise PromptSetError(f"{path}: the prompt set is empty")
     return prompts[:max_prompts] if max_prompts is not None else prompts
@@ -105,7 +125,7 @@ def _load_path(path: Path, max_bytes: int) -> list[str]:
     reader = readers.get(path.suffix.lower())
     if reader is None:
         raise PromptSetError(
-            f"{path}: unknown prompt set; expected 'toy', a .parquet, .tsv, .json or .txt file, "
+            f"{path}: unknown prompt set; expected 'toy', 'toy_selection', a .parquet, .tsv, .json or .txt file, "
             "or an HPSv2 benchmark directory"
         )
     return reader(path, max_bytes)

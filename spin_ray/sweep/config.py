@@ -95,7 +95,8 @@ class SweepConfig:
     metric: str = "toy"
     """The held-out score trials are ranked by (higher is better): a scorer name of
     :func:`spin_ray.rewards.load_scorer`, or ``average`` (the mean over ``eval.scorers``).
-    Best-of-``eval.num_images_per_prompt`` mean over the first prompt set of ``eval.prompts``."""
+    Best-of-``eval.num_images_per_prompt`` mean over the first prompt set of
+    ``eval.selection_prompts`` (validation prompts; the report keeps ``eval.prompts``)."""
     space: dict[str, Dimension] = field(default_factory=dict)
     """Dotted config key -> ``{grid|choice|uniform|loguniform: [...]}``."""
     num_samples: int = 1
@@ -301,6 +302,9 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Config,
         sweep = parse_sweep(merged, cfg)
     except ConfigError as err:
         raise blame(err, path, sweep_overrides, lambda: parse_sweep(section or {}, cfg)) from None
+    from spin_ray.eval.prompt_sets import selection_prompt_set
+
+    selection_prompt_set(cfg.eval.selection_prompts)  # trials are ranked on it: fail before any work
     return cfg, sweep
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from spin_ray.config import with_overrides
 from spin_ray.rundir import RunDir
-from spin_ray.stages import run_stage
+from spin_ray.stages import iteration_offset, run_stage
 from spin_ray.sweep.context import SweepContext, ensure_shared_opponents
 from spin_ray.sweep.publish import publish_winner
 from spin_ray.sweep.summary import fmt_params, write_iteration_report
@@ -101,7 +101,8 @@ def _grid_trial(config: dict[str, Any], shared: SweepContext, iteration: int) ->
     idle_generator = {"generation.num_actors": 1, "generation.gpus_per_actor": 0.0}
     run_stage(with_overrides(cfg, idle_generator), rundir, stage, model_path=shared.model_path(opponent_rel),
               base_model=shared.base_model, prepared=shared.prepared, iteration=k, loss_type=cfg.loss.type,
-              opponents_rel=rundir.sweep_opponents(k))
+              opponents_rel=rundir.sweep_opponents(k),
+              offset=iteration_offset(shared.cfg, k))  # where the shared opponents start, whatever the trial's steps
     row = score_and_record(cfg, rundir, stage, trial_id=trial_id, params=params, opponent_rel=opponent_rel,
                            k=k, metric=shared.sweep.metric)
     tune.report(report_metrics(row, shared.sweep.metric, k))

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from spin_ray.cli import REPO_ROOT, build_parser, guarded
+from spin_ray.cli import REPO_ROOT, build_parser, guarded, holding_run_dir
 from spin_ray.rundir import RunDir
 from spin_ray.sweep.config import SweepConfig, dump_sweep_config, load_sweep
 from spin_ray.sweep.run import run_sweep
@@ -37,7 +37,8 @@ def _sweep_main(args: Any) -> int:
     if args.print_config:
         print(dump_sweep_config(cfg, sweep), end="", flush=True)
         return 0
-    result = run_sweep(cfg, sweep, resume=args.resume)
+    with holding_run_dir(cfg):
+        result = run_sweep(cfg, sweep, resume=args.resume)
     for k, winner in sorted(result.winners.items()):
         print(f"iteration {k}: trial {winner.trial_id} won with {sweep.metric} = {fmt(winner.score)} "
               f"({fmt_params(winner.params)}) -> {result.models[RunDir.iteration(k)]}", flush=True)

@@ -67,9 +67,11 @@ def _absolute_paths(cfg: Config) -> Config:
                        "data.path": cfg.data.path}.items():
         if value and value != "toy" and "://" not in value and (key == "run_dir" or Path(value).expanduser().exists()):
             changes[key] = os.path.abspath(Path(value).expanduser())
-    prompts = cfg.eval.prompts if isinstance(cfg.eval.prompts, list) else [cfg.eval.prompts]
-    if any(p and Path(p).expanduser().exists() for p in prompts):
-        absolute = [os.path.abspath(Path(p).expanduser()) if p and Path(p).expanduser().exists() else p
-                    for p in prompts]
-        changes["eval.prompts"] = absolute if isinstance(cfg.eval.prompts, list) else absolute[0]
+    for key in ("eval.prompts", "eval.selection_prompts"):
+        value = cfg.eval.prompts if key == "eval.prompts" else cfg.eval.selection_prompts
+        prompts = value if isinstance(value, list) else [value]
+        if any(p and Path(p).expanduser().exists() for p in prompts):
+            absolute = [os.path.abspath(Path(p).expanduser()) if p and Path(p).expanduser().exists() else p
+                        for p in prompts]
+            changes[key] = absolute if isinstance(value, list) else absolute[0]
     return with_overrides(cfg, changes) if changes else cfg

@@ -127,8 +127,9 @@ def row_from_json(values: Mapping[str, Any]) -> TrialRow:
 def score_model(cfg: Config, rundir: RunDir, eval_rel: str, model_rel: str, metric: str) -> float:
     """Held-out score of one model (higher is better).
 
-    ``eval.num_images_per_prompt`` images for each prompt of the first ``eval.prompts`` set
-    (at most ``eval.max_prompts``), from fixed seeds (``eval.seed``), ``eval.num_inference_steps``
+    ``eval.num_images_per_prompt`` images for each prompt of the first ``eval.selection_prompts``
+    set (validation prompts, never the report's ``eval.prompts`` unless
+    ``eval.allow_selection_on_report_prompts``; at most ``eval.max_prompts``), from fixed seeds (``eval.seed``), ``eval.num_inference_steps``
     DDIM steps and ``eval.guidance_scale``; best-of-N per prompt, then the mean of ``metric``
     over prompts (the paper's protocol, :mod:`spin_ray.eval.metrics`). The Ray Data pipeline of
     :mod:`spin_ray.eval.scoring` generates and scores (on ``eval.gpus_per_actor`` GPUs); the scores
@@ -138,8 +139,8 @@ def score_model(cfg: Config, rundir: RunDir, eval_rel: str, model_rel: str, metr
 
     scorers = list(cfg.eval.scorers) if metric == AVERAGE_METRIC else [metric]
     scoring_cfg = with_overrides(cfg, {"eval.scorers": scorers})
-    prompts = prompt_sets.load_prompts(prompt_sets.prompt_set_paths(cfg.eval.prompts)[0], cfg.eval.max_prompts,
-                                       cfg.eval.max_prompt_file_bytes)
+    prompts = prompt_sets.load_prompts(prompt_sets.selection_prompt_set(cfg.eval.selection_prompts),
+                                       cfg.eval.max_prompts, cfg.eval.max_prompt_file_bytes)
     table = score_cache.model_scores(scoring_cfg, rundir, eval_rel, rundir.path(model_rel), prompts)
     scores = rows.gather_scores(table.to_pydict(), scorers, len(prompts), cfg.eval.num_images_per_prompt)
     result = metrics.evaluate_models({"model": scores}, normalise=cfg.eval.normalise_average)["model"]

@@ -187,6 +187,28 @@ def validation_prompts() -> list[str]:
     return plain + modified
 
 
+SELECTION_SEED = SPLIT_SEED + 1
+"""Fixes the prompts of :func:`selection_prompts`; never change it."""
+
+
+def selection_prompts() -> list[str]:
+    """Held-out prompts for choosing between models (``eval.selection_prompts: toy_selection``),
+    none of them in :func:`validation_prompts` (the report's ``toy``): for each held-out triple,
+    two variants with a size or position word that ``toy`` does not use, the first variant of
+    every triple before the second ones. The triples are the same held-out ones (never trained
+    on); the prompts, and so the evaluation seeds, are different."""
+    rng = random.Random(SELECTION_SEED)
+    report = set(validation_prompts())
+    firsts, seconds = [], []
+    for triple in split_triples("validation"):
+        variants = [str(ToyPrompt(*triple, size=size, position=position))
+                    for size in (None, *SIZES) for position in (None, *POSITIONS) if size or position]
+        first, second = rng.sample([v for v in variants if v not in report], 2)
+        firsts.append(first)
+        seconds.append(second)
+    return firsts + seconds
+
+
 # ----------------------------------------------------------------------------- rendering
 
 

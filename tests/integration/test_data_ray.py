@@ -153,29 +153,43 @@ def test_fully_cached_opponents_start_no_generator(ray_local, tmp_path):
 
 def test_a_small_prepared_table_read_in_memory_gives_what_read_parquet_gives(ray_local, tmp_path, monkeypatch):
     """sample_table reads a small prepared table in the driver; a large one with Ray Data's
-    read_parquet. Both give the same sample rows in the same order, repeats included."""
+    read_parquet. Both give the same samples (ids, rows, values), passes included; the small
+    table gives them in the data order itself, the large one each pass in file order."""
     import spin_ray.pairs
     from spin_ray.pairs import REPEAT_SHIFT, sample_table
 
     rng = np.random.default_rng(0)
+    row_ids = (5, 1, 9, 2, 7, 3, 8)
     rows = [{"row_id": row_id, "prompt": f"prompt {row_id}",
              "prompt_embeds": rng.standard_normal((3, 8)).astype(np.float32),
-             "latents_real": rng.standard_normal((4, 2, 2)).astype(np.float32)} for row_id in (5, 1, 9, 2, 7, 3, 8)]
+             "latents_real": rng.standard_normal((4, 2, 2)).astype(np.float32)} for row_id in row_ids]
+    by_id = {row["row_id"]: row for row in rows}
     # The trainer's DataConfig preserves order, as here; without it Ray Data yields blocks as they finish.
     monkeypatch.setattr(ray.data.DataContext.get_current().execution_options, "preserve_order", True)
     prepared = tmp_path / "prepared"
     ray.data.from_items(rows).repartition(3).write_parquet(str(prepared))
     assert len(list(prepared.glob("*.parquet"))) == 3
 
-    def samples():
-        taken = sample_table(str(prepared), n_rows=len(rows), n_samples=17).take_all()
+    def samples(offset):
+        taken = sample_table(str(prepared), n_rows=len(rows), n_samples=17, seed=3, offset=offset).take_all()
         return [(r["sample_id"], r["row_id"], r["prompt"], r["prompt_embeds"].tolist(), r["latents_real"].tolist())
                 for r in taken]
 
-    in_memory = samples()
-    monkeypatch.setattr(spin_ray.pairs, "IN_MEMORY_TABLE_BYTES", 0)
-    assert samples() == in_memory
+    # positions 4..20 of the cycle: 3 rows of pass 0, all 7 of pass 1, 7 of pass 2
+    in_memory = samples(offset=4)
     sample_ids = [sample_id for sample_id, *_ in in_memory]
     assert len(sample_ids) == 17 == len(set(sample_ids))
-    assert [sample_id >> REPEAT_SHIFT for sample_id in sample_ids] == [0] * 7 + [1] * 7 + [2] * 3
-    assert sorted(row_id for _, row_id, *_ in in_memory[:7]) == sorted(r["row_id"] for r in rows)
+    assert [sample_id >> REPEAT_SHIFT for sample_id in sample_ids] == [0] * 3 + [1] * 7 + [2] * 7
+    order = [row_id for _, row_id, *_ in in_memory[3:10]]  # one whole pass: the permutation itself
+    assert sorted(order) == sorted(row_ids) and order != sorted(order) and order != list(row_ids)
+    assert [row_id for _, row_id, *_ in in_memory] == order[4:] + order + order
+    for sample_id, row_id, prompt, embeds, latents in in_memory:  # each sample carries its own row's values
+        assert sample_id & ((1 << REPEAT_SHIFT) - 1) == row_id and prompt == f"prompt {row_id}"
+        assert embeds == by_id[row_id]["prompt_embeds"].tolist() and latents == by_id[row_id]["latents_real"].tolist()
+    assert samples(offset=4) == in_memory  # deterministic
+    monkeypatch.setattr(spin_ray.pairs, "IN_MEMORY_TABLE_BYTES", 0)
+    large = samples(offset=4)
+    assert sorted(large) == sorted(in_memory)
+    assert [sample_id >> REPEAT_SHIFT for sample_id, *_ in large] == [0] * 3 + [1] * 7 + [2] * 7
+    file_order = [row["row_id"] for row in ray.data.read_parquet(str(prepared)).take_all()]
+    assert [row_id for _, row_id, *_ in large[3:10]] == file_order

@@ -20,6 +20,7 @@ SHORT = [
     "self_play.iterations=2", "train.lr=1e-4", "train.steps=3",  # the default's lr is a list of 3 "train.warmup_steps=1", "train.log_every=1",
     "generation.num_inference_steps=4", "generation.batch_size=16",
     "eval.max_prompts=4", "eval.num_images_per_prompt=1", "eval.num_inference_steps=4",
+    "baselines.dpo.steps=3",  # the default trains the SFT and DPO baselines too
 ]
 
 
@@ -44,13 +45,13 @@ def test_shortened_default_run_writes_the_report(tmp_path, ray_local):  # ray_lo
                if not p.is_symlink() and (p.stat().st_mode & 0o044) != 0o044]
     assert private == [], private[:10]
 
-    for rel in ["prepared", "baseline_sft", "iter_1", "iter_2"]:
+    for rel in ["prepared", "baseline_sft", "baseline_dpo", "iter_1", "iter_2"]:
         assert (run_dir / rel / "DONE").exists(), rel
     metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
     summaries = metrics["summaries"]
-    assert set(summaries) == {"base", "sft", "iter_1", "iter_2"}
+    assert set(summaries) == {"base", "sft", "dpo", "iter_1", "iter_2"}
     assert metrics["baseline"] == "base"
-    assert set(metrics["win_rates"]) >= {"sft", "iter_1", "iter_2"}
+    assert set(metrics["win_rates"]) >= {"sft", "dpo", "iter_1", "iter_2"}
 
     # The report's numbers are those of the per-image scores the pipeline stored in
     # eval/<model>/scores.parquet, recomputed here by hand: best-of-N by the toy score (the
@@ -71,7 +72,7 @@ def test_shortened_default_run_writes_the_report(tmp_path, ray_local):  # ray_lo
         assert row["toy"]["n"] == num_prompts, model
         assert row["toy"]["mean"] == pytest.approx(float(np.mean(chosen[model])), rel=1e-6, abs=1e-7), model
         assert row["toy"]["median"] == pytest.approx(float(np.median(chosen[model])), rel=1e-6, abs=1e-7), model
-    for model in ("sft", "iter_1", "iter_2"):
+    for model in ("sft", "dpo", "iter_1", "iter_2"):
         wins = np.mean((chosen[model] > chosen["base"]) + 0.5 * (chosen[model] == chosen["base"]))
         assert metrics["win_rates"][model]["toy"]["win_rate"] == pytest.approx(float(wins)), model
     report_files = {p.name for p in (run_dir / "report").iterdir()}

@@ -31,7 +31,8 @@ def overrides(tiny_pipeline_dir: Path, data: Path, run_dir: Path, iterations: in
         "generation.num_inference_steps": 4, "generation.guidance_scale": 2.0, "generation.batch_size": 4,
         "train.steps": 2, "train.batch_size": 4, "train.warmup_steps": 0, "train.lr": 1e-3,
         "train.num_workers": 1, "train.log_every": 1, "self_play.iterations": iterations,
-        "self_play.sft_baseline": False, "eval.enabled": False,  # the drivers start from configs/default.yaml
+        "self_play.sft_baseline": False, "self_play.baselines": "[]",  # the drivers start from configs/default.yaml
+        "eval.enabled": False,
     }
     return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in values.items()]
 

@@ -37,7 +37,8 @@ def sweep_config(tmp_path: Path, tiny_pipeline_dir: Path, data_path: Path, sweep
         "train": {"steps": 2, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0, "num_workers": 1, "log_every": 1,
                   "max_nonfinite_steps": 1},
         "self_play": {"iterations": 2},
-        "eval": {"enabled": False, "prompts": "toy", "max_prompts": 4, "scorers": ["toy"],
+        "eval": {"enabled": False, "prompts": "toy", "selection_prompts": "toy_selection", "max_prompts": 4,
+                 "scorers": ["toy"],
                  "num_images_per_prompt": 2, "num_inference_steps": 4, "guidance_scale": 2.0, "batch_size": 8},
         "sweep": {"metric": "toy", "max_concurrent_trials": 1, **sweep},
     }

@@ -76,7 +76,7 @@ def test_every_config_field_has_a_docstring_and_every_section_a_heading():
             assert field_docs(cls).get(f.name), f"{key}: add a docstring after the field"
     hints = typing.get_type_hints(Config)
     nested = [f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])]
-    assert [prefix for prefix, _, _ in sections()] == ["", *nested]
+    assert [prefix for prefix, _, _ in sections() if "." not in prefix] == ["", *nested]
 
 
 # ----------------------------------------------------------------------------- --print-config

@@ -405,7 +405,8 @@ def test_normalise_average_reaches_the_sweeps_held_out_score(tmp_path, monkeypat
 
     fake = ScaleMismatchPipeline()
     monkeypatch.setattr(scoring, "generate_and_score", fake)  # under score_cache.model_scores, as the sweep calls it
-    cfg = _self_play_cfg(**{"eval.scorers": ["pickscore", "toy", "aesthetic"], "eval.normalise_average": normalise})
+    cfg = _self_play_cfg(**{"eval.scorers": ["pickscore", "toy", "aesthetic"], "eval.normalise_average": normalise,
+                            "eval.selection_prompts": "toy_selection"})  # what a sweep ranks on
     # best-of-2 is image 0 by the plain average: (300 + 0 + 0) / 3; image 1 by z-scores: (100 + 1 + 1) / 3
     score = sweep.score_model(cfg, RunDir(tmp_path / "run"), "eval/x", "iter_1/model", AVERAGE_METRIC)
     assert score == pytest.approx(average)

@@ -29,7 +29,8 @@ def test_the_column_lists_are_those_of_the_opponent_files_earlier_runs_wrote():
     assert {c.name: c.dtype for c in COLUMNS} == {
         "row_id": "int64", "prompt": "str", "sample_id": "int64", "noise_seed": "int64",
         "prompt_embeds": "float16", "latents_real": "float32", "latents_syn": "float32",
-        "ref_mse_real": "float32", "ref_mse_syn": "float32", "generated_at": "float64"}
+        "ref_mse_real": "float32", "ref_mse_syn": "float32", "generated_at": "float64",
+        "latents_lose": "float32"}  # the prepared table's loser latent (DPO baseline), in no opponent file
     assert len({c.name for c in COLUMNS}) == len(COLUMNS)
     assert set(SFT_COLUMNS) <= set(PAIR_COLUMNS) and "prompt" not in PAIR_COLUMNS
 

@@ -180,6 +180,7 @@ def _overrides(iterations: int) -> dict[str, st.SearchStrategy[Any]]:
         "loss.beta": scalar_or_list(positive_float),
         "train.lr": scalar_or_list(positive_float),
         "train.steps": scalar_or_list(positive_int),
+        "train.warmup_steps": scalar_or_list(st.integers(min_value=0, max_value=10**6)),
         "model.resolution": st.integers(min_value=1, max_value=256).map(lambda n: 8 * n),
         "model.pretrained": st.just("toy") | NAME,
         "data.max_bad_fraction": st.floats(min_value=0.0, max_value=1.0),

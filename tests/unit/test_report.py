@@ -20,7 +20,17 @@ from spin_ray.eval.plots import (
     plot_training_curves,
     value_limits,
 )
-from spin_ray.eval.report_files import METRICS_JSON, REPORT_MARKDOWN, write_metrics_json, write_report
+from spin_ray.eval.report_files import (
+    DETAIL_INTERVALS,
+    METRICS_JSON,
+    REPORT_MARKDOWN,
+    TABLE_MEAN,
+    TABLE_MEDIAN,
+    paper_columns,
+    paper_rows,
+    write_metrics_json,
+    write_report,
+)
 
 SUMMARIES = {
     "sd15": {
@@ -85,17 +95,26 @@ def test_write_report_files_hold_the_given_numbers(tmp_path):
     assert payload["win_rates"]["spin_iter3"]["hpsv2"] == {"win_rate": 0.625, "tie_share": 0.25, "num_prompts": 4}
 
     tables = parse_markdown_tables((tmp_path / REPORT_MARKDOWN).read_text())
-    assert set(tables) == {"Mean with 95% interval (bootstrap over prompts)", "Figures", "Mean", "Median",
-                           "Win rate against sd15 (%, ties count half)", "Ties against sd15 (%)"}
-    for statistic, title in (("mean", "Mean"), ("median", "Median")):
+    assert set(tables) == {TABLE_MEAN, TABLE_MEDIAN, "Table 3: winning rate against sd15 (%)", "Figures",
+                           DETAIL_INTERVALS, "Detail: ties against sd15 (%)"}
+    headers = {"hpsv2": "HPS", "aesthetic": "Aesthetic", "imagereward": "ImageReward", "pickscore": "PickScore",
+               AVERAGE: "Average"}
+    rows = {"sd15": "Base (`sd15`)", "spin_iter3": "spin_iter3"}  # sd15 is the baseline: the Base row
+    for statistic, title in (("mean", TABLE_MEAN), ("median", TABLE_MEDIAN)):
+        assert list(tables[title]) == list(rows.values())
         for model, row in SUMMARIES.items():
-            assert list(tables[title][model]) == list(row)  # metrics in the given order, Average last
+            assert list(tables[title][rows[model]]) == list(headers.values())  # the paper's order, Average last
             for metric, summary in row.items():
-                assert tables[title][model][metric] == pytest.approx(getattr(summary, statistic), abs=5e-5)
-    win_table = tables["Win rate against sd15 (%, ties count half)"]
-    assert set(win_table) == {"spin_iter3"}
-    assert win_table["spin_iter3"] == {m: pytest.approx(100 * r.win_rate) for m, r in WIN_RATES["spin_iter3"].items()}
-    assert tables["Ties against sd15 (%)"]["spin_iter3"]["pickscore"] == pytest.approx(25.0)
+                cell = tables[title][rows[model]][headers[metric]]
+                assert cell == pytest.approx(getattr(summary, statistic), abs=5e-5)
+    win_table = tables["Table 3: winning rate against sd15 (%)"]
+    assert list(win_table) == list(rows.values())
+    assert set(win_table["Base (`sd15`)"].values()) == {"-"}
+    assert win_table["spin_iter3"] == {headers[m]: pytest.approx(100 * r.win_rate)
+                                       for m, r in WIN_RATES["spin_iter3"].items()}
+    assert tables["Detail: ties against sd15 (%)"]["spin_iter3"]["PickScore"] == pytest.approx(25.0)
+    assert payload["paper_tables"] == {"rows": ["sd15", "spin_iter3"], "labels": rows,
+                                       "columns": ["hpsv2", "aesthetic", "imagereward", "pickscore", AVERAGE]}
 
 
 def test_json_without_win_rates(tmp_path):
@@ -206,9 +225,9 @@ def test_one_scorer_gives_no_average_column_or_panel_but_json_keeps_it(tmp_path)
     win_rates = {"iter_1": {"toy": WinRate(1.0, 0.0, 3), AVERAGE: WinRate(1.0, 0.0, 3)}}
     write_report(tmp_path, ONE_SCORER, win_rates, baseline="base")
     tables = parse_markdown_tables((tmp_path / REPORT_MARKDOWN).read_text())
-    for title in ("Mean", "Median", "Win rate against base (%, ties count half)", "Ties against base (%)"):
+    for title in (TABLE_MEAN, TABLE_MEDIAN, "Table 3: winning rate against base (%)", "Detail: ties against base (%)"):
         assert all(list(row) == ["toy"] for row in tables[title].values()), title
-    interval_table = tables["Mean with 95% interval (bootstrap over prompts)"]
+    interval_table = tables[DETAIL_INTERVALS]
     assert interval_table["iter_1"] == {"toy mean [95% interval]": "0.5000 [0.4000, 0.6000]", "toy std": 0.1, "n": 3}
     with Image.open(tmp_path / METRICS_PLOT) as image:
         assert image.size == (300, 350)  # one panel
@@ -277,3 +296,67 @@ def test_training_curves_from_a_fake_history(tmp_path):
     assert plot_training_curves(tmp_path / "none", {}) is None
     assert plot_training_curves(tmp_path / "none", {"sft": [{"step": 1, "mse": 0.1}]}) is None
     assert not (tmp_path / "none").exists()
+
+
+# ----------------------------------------------------------------------------- the paper's tables 1-3
+
+
+def test_paper_tables_rows_columns_and_values_from_raw_scores(tmp_path):
+    """Tables 1-3 from (P, N) scores: rows base, SFT, Diffusion-DPO, SPIN iter 1..K whatever
+    order the models come in; columns HPS, Aesthetic, ImageReward, PickScore, Average; every
+    number recomputed here with plain numpy, not with spin_ray.eval.metrics."""
+    from spin_ray.eval import metrics
+
+    rng = np.random.default_rng(7)
+    scorers = ["pickscore", "hpsv2", "imagereward", "aesthetic"]  # eval_paper.yaml's order, not the paper's
+    offsets = {"pickscore": 21.0, "hpsv2": 0.27, "imagereward": 0.8, "aesthetic": 5.7}
+    models = ["iter_2", "dpo", "base", "iter_1", "sft", "iter_3"]
+    scores = {m: {s: offsets[s] + rng.normal(scale=0.5, size=(9, 3)).round(1) for s in scorers} for m in models}
+    evaluations = metrics.evaluate_models(scores)
+    write_report(tmp_path, {m: e.summary for m, e in evaluations.items()},
+                 metrics.win_rates_against(evaluations, "base"), baseline="base")
+    tables = parse_markdown_tables((tmp_path / REPORT_MARKDOWN).read_text())
+
+    labels = {"base": "Base (`base`)", "sft": "SFT (`sft`)", "dpo": "Diffusion-DPO (`dpo`)",
+              **{f"iter_{k}": f"SPIN-Diffusion-Iter{k} (`iter_{k}`)" for k in (1, 2, 3)}}
+    columns = {"hpsv2": "HPS", "aesthetic": "Aesthetic", "imagereward": "ImageReward", "pickscore": "PickScore"}
+    chosen = {}  # model -> scorer -> (P,) scores of the best-of-N image (highest plain average)
+    for model in models:
+        stacked = np.stack([scores[model][s] for s in scorers])  # (S, P, N)
+        best = stacked.mean(axis=0).argmax(axis=1)
+        chosen[model] = {s: scores[model][s][np.arange(9), best] for s in scorers}
+    title_win = "Table 3: winning rate against base (%)"
+    for title in (TABLE_MEAN, TABLE_MEDIAN, title_win):
+        assert list(tables[title]) == list(labels.values()), title
+        for row in tables[title].values():
+            assert list(row) == [*columns.values(), "Average"], title
+    for model, label in labels.items():
+        for statistic, title in ((np.mean, TABLE_MEAN), (np.median, TABLE_MEDIAN)):
+            expected = {columns[s]: statistic(chosen[model][s]) for s in scorers}
+            expected["Average"] = np.mean(list(expected.values()))
+            assert tables[title][label] == {c: pytest.approx(v, abs=5e-5) for c, v in expected.items()}
+        if model == "base":
+            assert set(tables[title_win][label].values()) == {"-"}
+            continue
+        wins = {}
+        for s in scorers:
+            a, b = chosen[model][s], chosen["base"][s]
+            wins[columns[s]] = 100 * (np.sum(a > b) + 0.5 * np.sum(a == b)) / 9
+        a, b = (np.mean([chosen[m][s] for s in scorers], axis=0) for m in (model, "base"))
+        wins["Average"] = 100 * (np.sum(a > b) + 0.5 * np.sum(a == b)) / 9
+        assert tables[title_win][label] == {c: pytest.approx(v, abs=0.05) for c, v in wins.items()}
+    # Tables 1-3 hold plain numbers (compared above); the intervals are in the detail section,
+    # one row per model by its plain name.
+    assert list(tables[DETAIL_INTERVALS]) == ["base", "sft", "dpo", "iter_1", "iter_2", "iter_3"]
+
+
+def test_paper_rows_and_columns_for_other_names():
+    assert paper_columns(["toy", "average", "pickscore", "hpsv2"]) == ["hpsv2", "pickscore", "toy", "average"]
+    assert paper_columns(["toy"]) == ["toy"]
+    rows = paper_rows(["spin_iter_2", "ref", "pbt_iter_1", "spin_iter_1", "x_sft", "extra", "pbt_iter_2"],
+                      baseline="ref")
+    assert [model for model, _ in rows] == ["ref", "x_sft", "spin_iter_1", "spin_iter_2", "pbt_iter_1",
+                                            "pbt_iter_2", "extra"]
+    assert rows[0] == ("ref", "Base (`ref`)") and rows[-1] == ("extra", "extra")
+    # Without base and without a baseline among the models there is no Base row.
+    assert paper_rows(["iter_1", "sft"]) == [("sft", "SFT (`sft`)"), ("iter_1", "SPIN-Diffusion-Iter1 (`iter_1`)")]

@@ -63,7 +63,7 @@ def trainer_stub(monkeypatch):
 
     monkeypatch.setattr(spin_ray.trainer, "fit", lambda plan, dataset, **kwargs: SimpleNamespace(checkpoint=None))
     monkeypatch.setattr(spin_ray.trainer, "checkpoint_history", lambda checkpoint: [])
-    monkeypatch.setattr(spin_ray.pairs, "sample_table", lambda path, n_rows, n_samples: "samples")
+    monkeypatch.setattr(spin_ray.pairs, "sample_table", lambda path, n_rows, n_samples, **kwargs: "samples")
     monkeypatch.setattr(spin_ray.pairs, "spin_pairs", lambda samples, spec, **kwargs: "pairs")
 
     def publish(*args):
@@ -113,7 +113,8 @@ def test_a_first_run_says_nothing_about_reuse(tmp_path, no_ray, trainer_stub, mo
     run_dir = tmp_path / "run"
     RunDir(run_dir).mark_done(RunDir.PREPARED, {"n_rows": 100})  # the prepare stage stands in for itself
 
-    self_play.run(config(run_dir, **{"self_play.iterations": 1, "train.steps": 3, "train.batch_size": 2}))
+    self_play.run(config(run_dir, **{"self_play.iterations": 1, "train.steps": 3, "train.batch_size": 2,
+                                     "train.warmup_steps": 0}))  # a longer warm-up adds its peak-lr line
 
     lines = [line for line in capsys.readouterr().out.splitlines()[1:]  # after the prepare line
              if " | step " not in line]  # and without the live progress line (spin_ray.progress)

@@ -116,7 +116,8 @@ def test_the_command_line_passes_resume_and_turns_the_refusal_into_exit_2(monkey
     import spin_ray.sweep.job as job_module
 
     config = tmp_path / "sweep.yaml"
-    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "sweep": {"space": {"loss.beta": {"grid": [1]}}}}))
+    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "eval": {"selection_prompts": "toy_selection"},
+                                      "sweep": {"space": {"loss.beta": {"grid": [1]}}}}))
     seen = []
 
     def fake_run_sweep(cfg, sweep, *, resume=False):

@@ -155,7 +155,8 @@ def test_sweep_overrides_set_fields_space_entries_and_resources():
 
 def test_load_sweep_pops_the_section_and_applies_both_kinds_of_overrides(tmp_path):
     path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump({"train": {"steps": 7}, "sweep": {"space": {"loss.beta": {"grid": [1, 2]}}}}))
+    path.write_text(yaml.safe_dump({"train": {"steps": 7}, "eval": {"selection_prompts": "toy_selection"},
+                                    "sweep": {"space": {"loss.beta": {"grid": [1, 2]}}}}))
     cfg, sweep = load_sweep(path, ["train.lr=3e-5", "sweep.mode=pbt", "sweep.num_samples=3"])
     assert cfg.train.steps == 7 and cfg.train.lr == 3e-5
     assert sweep.mode == "pbt" and sweep.num_samples == 3 and sweep.space["loss.beta"].values == (1, 2)
