@@ -16,8 +16,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from spin_ray.config import Config, DataConfig, baseline_names, dump_config, per_iteration
+from spin_ray.config import Config, DataConfig, baseline_names, dump_config
+from spin_ray.opponent_history import HistoryShare, copy_history, history_sources, opponent_history  # noqa: F401
 from spin_ray.rundir import RunDir
+from spin_ray.stage_plans import (  # noqa: F401  (the stage library's names, as callers use them)
+    baseline_plan,
+    generator_spec,
+    iteration_offset,
+    label_resources,
+    peak_lr,
+    samples_per_iteration,
+    sft_baseline_steps,
+    train_plan,
+    worker_resources,
+)
 
 
 def say_reused(rel: str, model: str) -> None:
@@ -100,7 +112,7 @@ def ensure_prepared(cfg: Config, rundir: RunDir, base_model: str) -> Prepared:
     table = prepare_real_table(
         rows, EncoderSpec(model_path=base_model, resolution=cfg.model.resolution),
         batch_size=cfg.data.prepare_batch_size, num_actors=cfg.data.prepare_num_actors,
-        gpus_per_actor=cfg.data.prepare_gpus_per_actor, resources=_label(cfg.cluster.generation_node_label),
+        gpus_per_actor=cfg.data.prepare_gpus_per_actor, resources=label_resources(cfg.cluster.generation_node_label),
     )
     path = rundir.path(rundir.prepared_data())
     table.write_parquet(path)
@@ -118,33 +130,7 @@ def _count_rows(path: str) -> int:
     return pads.dataset(path, format="parquet").count_rows()
 
 
-def _label(name: str | None) -> dict[str, float] | None:
-    # A tiny share of a node type's custom resource pins work to that node type.
-    return {name: 0.001} if name else None
-
-
 # ----------------------------------------------------------------------------- one stage
-
-
-def samples_per_iteration(cfg: Config, iteration: int, steps: int | None = None) -> int:
-    """Samples one iteration trains on: steps x batch x accumulation x workers (``steps``:
-    the iteration's ``train.steps`` unless given)."""
-    t = cfg.train
-    steps = int(per_iteration(t.steps, iteration)) if steps is None else steps
-    return steps * t.batch_size * t.gradient_accumulation_steps * t.num_workers
-
-
-def sft_baseline_steps(cfg: Config) -> int:
-    """The SFT baseline's steps: all SPIN iterations' steps together, so it trains on as many
-    real samples as the whole self-play run (a fair comparison of the two uses of the data)."""
-    return sum(int(per_iteration(cfg.train.steps, k)) for k in range(1, cfg.self_play.iterations + 1))
-
-
-def iteration_offset(cfg: Config, iteration: int) -> int:
-    """Where iteration k's samples start in the run's data order (:func:`spin_ray.pairs.data_order`):
-    after all earlier iterations' samples, so iteration k continues where iteration k-1 stopped.
-    A baseline starts at 0 (:func:`run_baseline`)."""
-    return sum(samples_per_iteration(cfg, k) for k in range(1, iteration))
 
 
 def run_sft_baseline(cfg: Config, rundir: RunDir, *, base_model: str, prepared: Prepared) -> str:
@@ -166,122 +152,7 @@ def run_baseline(cfg: Config, rundir: RunDir, name: str, *, base_model: str, pre
                      offset=0)
 
 
-def baseline_plan(cfg: Config, name: str, base_model: str):
-    """Baseline ``name``'s :class:`~spin_ray.train_loop.TrainPlan`: ``baselines.<name>.*``, each
-    unset value as the SFT baseline has always trained (iteration 1's plan, lr and beta;
-    :func:`sft_baseline_steps` steps). DPO uses shared noise (Diffusion-DPO's trainer draws one
-    eps for the pair), no h_t^2 weight, and theta_0 online as its reference."""
-    from dataclasses import replace
-
-    if name not in ("sft", "dpo"):
-        raise ValueError(f"unknown baseline {name!r}: expected 'sft' or 'dpo'")
-    schedule = getattr(cfg.baselines, name)
-    plan = train_plan(cfg, base_model, 1, name, sft_baseline_steps(cfg) if schedule.steps is None else schedule.steps)
-    chosen = {key: getattr(schedule, key) for key in ("lr", "batch_size", "gradient_accumulation_steps",
-                                                      "warmup_steps", "lr_schedule")}
-    plan = replace(plan, **{key: value for key, value in chosen.items() if value is not None})
-    if name == "dpo":
-        plan = replace(plan, beta=float(schedule.beta) if schedule.beta is not None else plan.beta,
-                       online_reference=True, shared_noise=True, timestep_weighting="none")
-    return plan
-
-
 # ----------------------------------------------------------------------------- opponent history
-
-HISTORY_TAG = 0x415
-"""Mixed into the seed of :func:`choose_history_rows`, so the draw is no other draw of ``cfg.seed``."""
-
-
-@dataclass(frozen=True)
-class HistoryShare:
-    """The opponent rows an earlier iteration gives iteration k (``self_play.opponent_history``)."""
-
-    iteration: int
-    """j < k: the iteration whose cache (``iter_<j>/opponents/``, theta_{j-1}'s opponents) they come from."""
-    files: list[str]
-    """Its cached opponent files (:func:`spin_ray.opponents.cached_files`)."""
-    sample_ids: list[int]
-    """The chosen rows' sample ids, sorted."""
-
-
-def history_sources(rundir: RunDir, iteration: int, history: int) -> list[tuple[int, str]]:
-    """(j, j's opponent cache) for the earlier iterations whose opponents iteration k mixes in
-    with ``self_play.opponent_history`` = N: j = k-1 .. k-N+1, those >= 1, newest first."""
-    return [(j, rundir.opponents(j)) for j in range(iteration - 1, max(iteration - history, 0), -1)]
-
-
-def choose_history_rows(sample_ids, share: int, *, seed: int, iteration: int, source: int) -> list[int]:
-    """``share`` of ``sample_ids`` (all when there are no more), drawn without replacement by a
-    generator seeded with (``seed``, :data:`HISTORY_TAG`, ``iteration``, ``source``); sorted.
-    Depends on the set of ids only, so a rerun draws the same rows."""
-    import numpy as np
-
-    ids = np.unique(np.asarray(sample_ids, dtype=np.int64))
-    if len(ids) <= share:
-        return ids.tolist()
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), HISTORY_TAG, int(iteration), int(source)]))
-    return np.sort(rng.choice(ids, size=share, replace=False)).tolist()
-
-
-def opponent_history(cfg: Config, rundir: RunDir, iteration: int, n_samples: int,
-                     history: int | None = None) -> tuple[int, list[HistoryShare]]:
-    """How iteration k's ``n_samples`` opponents are mixed with ``history`` (default
-    ``self_play.opponent_history``) = N: equal shares. The h = min(N, k) opponents theta_{k-1} ..
-    theta_{k-h} each give ``n_samples // h`` rows: every earlier iteration j = k-1 .. k-h+1 from
-    its cache (:func:`choose_history_rows`; fewer when it holds fewer), and theta_{k-1} generates
-    the rest for new real rows. Returns (rows theta_{k-1} generates, the earlier iterations' shares)."""
-    from spin_ray.opponents import cached_files
-
-    sources = history_sources(rundir, iteration, cfg.self_play.opponent_history if history is None else history)
-    share = n_samples // (len(sources) + 1)
-    shares = []
-    for j, rel in sources:
-        files, ids = cached_files(rundir.path(rel))
-        if not files:
-            raise FileNotFoundError(f"[{rundir.iteration(iteration)}] self_play.opponent_history: iteration {j}'s "
-                                    f"opponents are not in {rundir.path(rel)} (a finished iteration keeps them)")
-        shares.append(HistoryShare(j, files, choose_history_rows(ids, share, seed=cfg.seed, iteration=iteration,
-                                                                 source=j)))
-    return n_samples - sum(len(s.sample_ids) for s in shares), shares
-
-
-def copy_history(cfg: Config, rundir: RunDir, opponents_rel: str, shares: list[HistoryShare], *, model_path: str,
-                 iteration: int) -> int:
-    """Copy the earlier iterations' chosen opponent rows into this stage's cache ``opponents_rel``
-    with the reference errors of this stage's opponent ``model_path`` (Ray Data actors,
-    :class:`~spin_ray.generation.HistoryReference`); rows already there (a rerun) are skipped.
-    Returns the number of rows copied now."""
-    import numpy as np
-    import ray.data
-
-    from spin_ray.generation import HistoryReference
-    from spin_ray.opponents import cached_files
-
-    spec = _generator_spec(cfg, rundir, opponents_rel, model_path, iteration)
-    _, present = cached_files(spec.opponents_dir)
-    copied = 0
-    for share in shares:
-        missing = np.setdiff1d(np.asarray(share.sample_ids, dtype=np.int64), present)
-        if not len(missing):
-            continue
-        print(f"[{opponents_rel}] mixing in {len(missing)} opponents of iter_{share.iteration} "
-              f"(self_play.opponent_history), reference errors by {model_path}", flush=True)
-        rows = ray.data.read_parquet(share.files).map_batches(_only_ids, fn_kwargs={"ids": missing},
-                                                              batch_format="numpy")
-        rows = rows.repartition(target_num_rows_per_block=cfg.generation.batch_size).map_batches(
-            HistoryReference, fn_constructor_args=(spec,),
-            compute=ray.data.ActorPoolStrategy(size=cfg.generation.num_actors),
-            batch_size=cfg.generation.batch_size, num_gpus=cfg.generation.gpus_per_actor or None,
-            resources=_label(cfg.cluster.generation_node_label))
-        copied += sum(len(batch["sample_id"]) for batch in rows.iter_batches(batch_size=None, batch_format="numpy"))
-    return copied
-
-
-def _only_ids(batch, ids):
-    import numpy as np
-
-    keep = np.isin(np.asarray(batch["sample_id"]), ids)
-    return {name: np.asarray(values)[keep] for name, values in batch.items()}
 
 
 def opponent_pairs(cfg: Config, rundir: RunDir, opponents_rel: str, *, model_path: str, prepared: Prepared,
@@ -298,7 +169,7 @@ def opponent_pairs(cfg: Config, rundir: RunDir, opponents_rel: str, *, model_pat
     if history:
         copy_history(cfg, rundir, opponents_rel, history, model_path=model_path, iteration=iteration)
         n_new = n_samples - sum(len(share.sample_ids) for share in history)
-    spec = _generator_spec(cfg, rundir, opponents_rel, model_path, iteration)
+    spec = generator_spec(cfg, rundir, opponents_rel, model_path, iteration)
     cached = cached_files(spec.opponents_dir)  # listed once, for the line below and for spin_pairs
     _say_cached_opponents(opponents_rel, cached, n_samples, cfg.generation.batch_size)
     offset = iteration_offset(cfg, iteration) if offset is None else offset
@@ -306,7 +177,7 @@ def opponent_pairs(cfg: Config, rundir: RunDir, opponents_rel: str, *, model_pat
     return spin_pairs(samples, spec,
                       n_samples=n_samples, batch_size=cfg.generation.batch_size, num_actors=cfg.generation.num_actors,
                       gpus_per_actor=cfg.generation.gpus_per_actor,
-                      resources=_label(cfg.cluster.generation_node_label), cached=cached)
+                      resources=label_resources(cfg.cluster.generation_node_label), cached=cached)
 
 
 def _say_cached_opponents(opponents_rel: str, cached, n_samples: int, batch_size: int) -> None:
@@ -419,7 +290,7 @@ def _train(cfg: Config, rundir: RunDir, rel: str, plan, *, prepared: Prepared, o
                        opponents_rel=opponents, n_samples=n_samples, opponent_batch=cfg.generation.batch_size):
         return fit(plan, dataset, name=name, storage_path=storage_path,
                    num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                   resources_per_worker=_worker_resources(cfg), max_failures=cfg.train.max_failures,
+                   resources_per_worker=worker_resources(cfg), max_failures=cfg.train.max_failures,
                    progress=rundir.path(rundir.stage_progress(rel)))
 
 
@@ -439,56 +310,6 @@ def _say_if_resuming(rel: str, storage_path: str, name: str, steps: int) -> None
     step = checkpoint_step(storage_path, name)
     if step is not None:
         print(f"[{rel}] training resumes from its Ray Train checkpoint at step {step} of {steps}", flush=True)
-
-
-def peak_lr(lr: float, warmup_steps: int, steps: int) -> float:
-    """The highest learning rate a stage of ``steps`` optimizer steps reaches with peak ``lr`` and
-    ``warmup_steps`` of linear warm-up (:func:`spin_ray.train_step.make_lr_scheduler`, diffusers'
-    schedules): optimizer step s (0-based) runs at ``lr * s / warmup_steps`` during warm-up and at
-    most ``lr`` after it, so with ``warmup_steps >= steps`` the last step's ``lr * (steps - 1) /
-    warmup_steps`` is the peak (the paper's iteration 1, 50 steps under 200 of warm-up at 2e-5:
-    4.9e-6); otherwise ``lr`` itself, reached at step ``warmup_steps``."""
-    if warmup_steps <= 0 or steps > warmup_steps:
-        return float(lr)
-    return float(lr) * max(steps - 1, 0) / warmup_steps
-
-
-def train_plan(cfg: Config, model_path: str, iteration: int, loss_type: str, steps: int | None = None):
-    from spin_ray.trainer import TrainPlan
-
-    t = cfg.train
-    steps = int(per_iteration(t.steps, iteration)) if steps is None else steps
-    return TrainPlan(
-        init_model_path=model_path, loss_type=loss_type, online_reference=cfg.loss.reference == "online",
-        beta=float(per_iteration(cfg.loss.beta, iteration)), lr=float(per_iteration(t.lr, iteration)),
-        steps=steps, batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, weight_decay=t.weight_decay,
-        warmup_steps=int(per_iteration(t.warmup_steps, iteration)), lr_schedule=t.lr_schedule,
-        max_grad_norm=t.max_grad_norm,
-        mixed_precision=t.mixed_precision, gradient_checkpointing=t.gradient_checkpointing,
-        checkpoint_every=t.checkpoint_every, log_every=t.log_every, max_nonfinite_steps=t.max_nonfinite_steps,
-        shared_noise=cfg.loss.shared_noise, timestep_weighting=cfg.loss.timestep_weighting,
-        seed=cfg.seed + 1000 * iteration, compile=t.compile,
-    )
-
-
-def _generator_spec(cfg: Config, rundir: RunDir, opponents_rel: str, model_path: str, iteration: int):
-    from spin_ray.generation import GeneratorSpec
-
-    g = cfg.generation
-    return GeneratorSpec(
-        model_path=model_path, iteration=iteration, run_seed=cfg.seed,
-        num_inference_steps=g.num_inference_steps, guidance_scale=g.guidance_scale, eta=g.eta,
-        precompute_reference=cfg.loss.reference == "precomputed", shared_noise=cfg.loss.shared_noise,
-        opponents_dir=rundir.path(opponents_rel), mixed_precision=cfg.train.mixed_precision,
-        compile=g.compile,
-    )
-
-
-def _worker_resources(cfg: Config) -> dict[str, float]:
-    resources = {"CPU": 1.0}
-    resources.update(_label(cfg.cluster.train_node_label) or {})
-    return resources
 
 
 def _storage_path(rundir: RunDir, rel: str) -> str:

@@ -30,6 +30,7 @@ from spin_ray.config import Config
 from spin_ray.eval.rows import GRID_PROMPTS, IMAGE_COLUMN, ROW_COLUMNS, png_bytes, prompt_rows
 from spin_ray.rewards import load_scorer
 from spin_ray.rundir import RunDir
+from spin_ray.stage_plans import label_resources
 from spin_ray.user_cache import user_cache_dir
 
 DECODE_CHUNK = 4
@@ -198,7 +199,7 @@ def generate_and_score(model: str, prompts: Sequence[str], cfg: Config) -> pa.Ta
         "compute": ray.data.ActorPoolStrategy(size=e.num_actors),
         "num_gpus": e.gpus_per_actor or None,
         "batch_size": e.batch_size,
-        "resources": _label(cfg.cluster.generation_node_label),
+        "resources": label_resources(cfg.cluster.generation_node_label),
     }
     image_spec = ImageSpec(model=model, resolution=cfg.model.resolution, num_inference_steps=e.num_inference_steps,
                            guidance_scale=e.guidance_scale, local_files_only=cfg.model.local_files_only)
@@ -209,6 +210,3 @@ def generate_and_score(model: str, prompts: Sequence[str], cfg: Config) -> pa.Ta
     return pa.concat_tables(ray.get(scored.to_arrow_refs()))
 
 
-def _label(name: str | None) -> dict[str, float] | None:
-    # A tiny share of a node type's custom resource pins the actors to that node type.
-    return {name: 0.001} if name else None

@@ -169,10 +169,10 @@ def test_generator_on_gpu_runs_bf16_channels_last(tiny_pipeline_dir):
 def test_the_compile_switches_reach_the_training_plan_and_the_generator_spec(tmp_path):
     from spin_ray.config import load_config
     from spin_ray.rundir import RunDir
-    from spin_ray.stages import _generator_spec, train_plan
+    from spin_ray.stage_plans import generator_spec, train_plan
 
     for train_compile, gen_compile in [(True, False), (False, True)]:
         cfg = load_config(None, [f"train.compile={str(train_compile).lower()}",
                                  f"generation.compile={str(gen_compile).lower()}"])
         assert train_plan(cfg, "/model", 1, "spin").compile is train_compile
-        assert _generator_spec(cfg, RunDir(str(tmp_path)), "opponents", "/model", 1).compile is gen_compile
+        assert generator_spec(cfg, RunDir(str(tmp_path)), "opponents", "/model", 1).compile is gen_compile
