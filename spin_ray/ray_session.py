@@ -73,8 +73,11 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> bo
     # second job) it raises "Found multiple active Ray instances". So the private instance
     # runs its dashboard on loopback and tells its processes, which inherit this environment,
     # where it is.
+    # include_dashboard=None, not True: a dashboard that does not come up within Ray's startup
+    # timeout (60 s; seen on a 2-core machine under heavy load) is logged and the run goes on
+    # without it (Ray Train's cleaner then only complains in Ray's logs), instead of failing.
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+    ray.init(address="local", num_cpus=cpus, include_dashboard=None, dashboard_host="127.0.0.1",
              dashboard_port=port, log_to_driver=verbose, **quiet)
     _after_init(verbose)
     return True

@@ -87,7 +87,7 @@ def test_a_local_instance_gets_the_laptop_settings(fake_ray, monkeypatch):
     assert spin_ray.ray_session.ensure_ray(None, num_cpus=3) is True
     (init,) = fake_ray
     port = init.pop("dashboard_port")
-    assert init == {"address": "local", "num_cpus": 3, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+    assert init == {"address": "local", "num_cpus": 3, "include_dashboard": None, "dashboard_host": "127.0.0.1",
                     "log_to_driver": False, "logging_level": logging.WARNING}
     # Ray's own processes (Train's PlacementGroupCleaner) find the state API of this instance
     assert os.environ[spin_ray.ray_session.API_SERVER_ENV] == f"http://127.0.0.1:{port}"
