@@ -76,9 +76,19 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> bo
     # include_dashboard=None, not True: a dashboard that does not come up within Ray's startup
     # timeout (60 s; seen on a 2-core machine under heavy load) is logged and the run goes on
     # without it (Ray Train's cleaner then only complains in Ray's logs), instead of failing.
+    # The variable is set only while Ray starts its processes (they inherit it), then restored:
+    # a subprocess this driver starts later (`ray start`, `ray job submit`, a test's job) must
+    # not be pointed at this private instance.
+    previous = os.environ.get(API_SERVER_ENV)
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=cpus, include_dashboard=None, dashboard_host="127.0.0.1",
-             dashboard_port=port, log_to_driver=verbose, **quiet)
+    try:
+        ray.init(address="local", num_cpus=cpus, include_dashboard=None, dashboard_host="127.0.0.1",
+                 dashboard_port=port, log_to_driver=verbose, **quiet)
+    finally:
+        if previous is None:
+            os.environ.pop(API_SERVER_ENV, None)
+        else:
+            os.environ[API_SERVER_ENV] = previous
     _after_init(verbose)
     return True
 

@@ -201,7 +201,8 @@ class Driver:
         self.log_path, self.own_job = log_path, own_job
         self.log_file = log_path.open("w")
         # cwd: Ray puts the driver's working directory on its workers' sys.path (spin_ray is not installed here)
-        command = [sys.executable, str(REPO / "jobs" / "self_play.py"), "--config", str(config)]
+        # --verbose: the test times its kills by the workers' own lines ("resumed training from ...")
+        command = [sys.executable, str(REPO / "jobs" / "self_play.py"), "--verbose", "--config", str(config)]
         self.process = subprocess.Popen(command, env=env, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=REPO,
                                         start_new_session=True)
         self.job = ""
@@ -389,6 +390,12 @@ def test_an_opponent_batch_cut_off_mid_write_is_never_read(tmp_path, monkeypatch
     with pytest.raises(WriterKilled):
         write_batch(folder, opponent_batch(4))
     monkeypatch.undo()
+    # An exception reaching the writer removes its temporary file (RunDir.open_atomic); a real
+    # SIGKILL runs no cleanup and leaves it, half written, under the writer's temporary name.
+    assert not [p for p in Path(folder).iterdir() if p.name.endswith(".tmp")]
+    whole = Path(good[0]).read_bytes()
+    (Path(folder) / f".{Path(good[0]).name.replace('-', '-killed-', 1)}.x1y2z3.tmp").write_bytes(
+        whole[: len(whole) // 2])
     leftovers = [p for p in Path(folder).iterdir() if p.name.endswith(".tmp")]
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".part-") and leftovers[0].stat().st_size > 0
 

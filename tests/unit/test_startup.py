@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -72,7 +73,14 @@ def fake_ray(monkeypatch):
     monkeypatch.setattr(DataContext.get_current(), "enable_progress_bars", True)
     calls: list[dict] = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    seen_env: list[str | None] = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        seen_env.append(os.environ.get(spin_ray.ray_session.API_SERVER_ENV))
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(spin_ray.ray_session, "_seen_env", seen_env, raising=False)
     monkeypatch.setattr(spin_ray.ray_session, "_settings", {"verbose": False})
     for name in [*spin_ray.ray_session.LOCAL_ENV, "RAY_ADDRESS", spin_ray.ray_session.API_SERVER_ENV]:
         monkeypatch.setenv(name, "unset")  # so that monkeypatch restores the variable's absence too
@@ -89,8 +97,10 @@ def test_a_local_instance_gets_the_laptop_settings(fake_ray, monkeypatch):
     port = init.pop("dashboard_port")
     assert init == {"address": "local", "num_cpus": 3, "include_dashboard": None, "dashboard_host": "127.0.0.1",
                     "log_to_driver": False, "logging_level": logging.WARNING}
-    # Ray's own processes (Train's PlacementGroupCleaner) find the state API of this instance
-    assert os.environ[spin_ray.ray_session.API_SERVER_ENV] == f"http://127.0.0.1:{port}"
+    # Ray's own processes (Train's PlacementGroupCleaner), started during ray.init, find the
+    # state API of this instance; processes this driver starts afterwards are not sent there
+    assert spin_ray.ray_session._seen_env == [f"http://127.0.0.1:{port}"]
+    assert spin_ray.ray_session.API_SERVER_ENV not in os.environ
     assert os.environ["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] == "5"
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == spin_ray.ray_session.LOCAL_ENV[
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
