@@ -120,6 +120,24 @@ def stretch_sample_ids(order: np.ndarray, offset: int, n_samples: int) -> np.nda
     return ((positions // len(order)) << REPEAT_SHIFT) | rows
 
 
+def in_stretch_order(files: list[str], prepared_path: str, *, seed: int, offset: int, n_samples: int) -> list[str]:
+    """Cached opponent files in the order their batches come in the stage's stretch of the data
+    order, so that "cached first, then fresh" (:func:`spin_pairs`) feeds the trainer the same
+    sequence as an uninterrupted run (bit-exact resume). A file is placed by its first sample id
+    (in its name, :data:`spin_ray.opponents.FILE_PATTERN`): a batch is a run of consecutive
+    positions, so any of its ids orders it. Files of ids outside the stretch (opponents copied
+    from earlier iterations, written before generation starts) keep their place in front."""
+    row_ids = _small_table(prepared_path, ["row_id"], always=True).column("row_id").to_numpy()
+    stretch = stretch_sample_ids(data_order(row_ids, seed), offset, n_samples)
+    position = {int(sample_id): index for index, sample_id in enumerate(stretch)}
+
+    def place(path: str) -> tuple[int, str]:
+        first_id = int(path.rstrip("/").rsplit("/", 1)[-1].split("-")[1])
+        return position.get(first_id, -1), path
+
+    return [path for _, path in sorted(map(place, files))]
+
+
 def describe_stretch(n_rows: int, offset: int, n_samples: int) -> dict[str, int]:
     """What a stage's ``metrics.json`` records of its samples (``data_order``): positions
     ``offset`` to ``offset + n_samples`` (exclusive) of the data order of ``n_rows`` rows, and

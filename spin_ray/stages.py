@@ -163,7 +163,7 @@ def opponent_pairs(cfg: Config, rundir: RunDir, opponents_rel: str, *, model_pat
     (:func:`opponent_history`): earlier iterations' opponents, copied into ``opponents_rel``
     first (:func:`copy_history`); the generator then makes only the rest of the ``n_samples``."""
     from spin_ray.opponents import cached_files
-    from spin_ray.pairs import sample_table, spin_pairs
+    from spin_ray.pairs import in_stretch_order, sample_table, spin_pairs
 
     n_new = n_samples
     if history:
@@ -173,6 +173,9 @@ def opponent_pairs(cfg: Config, rundir: RunDir, opponents_rel: str, *, model_pat
     cached = cached_files(spec.opponents_dir)  # listed once, for the line below and for spin_pairs
     _say_cached_opponents(opponents_rel, cached, n_samples, cfg.generation.batch_size)
     offset = iteration_offset(cfg, iteration) if offset is None else offset
+    if cached[0]:
+        cached = (in_stretch_order(cached[0], prepared.path, seed=cfg.seed, offset=offset, n_samples=n_new),
+                  cached[1])
     samples = sample_table(prepared.path, prepared.n_rows, n_new, seed=cfg.seed, offset=offset)
     return spin_pairs(samples, spec,
                       n_samples=n_samples, batch_size=cfg.generation.batch_size, num_actors=cfg.generation.num_actors,

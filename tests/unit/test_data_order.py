@@ -155,3 +155,27 @@ def test_each_stage_reads_its_own_stretch_and_records_it(tmp_path, recorded):
     assert metrics["baseline_sft"]["data_order"] == {"offset": 0, "n_samples": 50, "end": 50, "n_rows": 50,
                                                      "first_pass": 0, "last_pass": 0}
     assert metrics["iter_2"]["data_order"]["offset"] == 20 and metrics["iter_2"]["data_order"]["end"] == 50
+
+
+def test_cached_opponent_files_come_in_the_order_of_the_stretch(tmp_path):
+    """A resumed stage reads its cached batches first: they must come in the stretch's order
+    (not their file names' sample-id order), or the trainer sees another sequence than an
+    uninterrupted run (bit-exact resume, tests/integration/test_reliability.py)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from spin_ray.opponents import FILE_PATTERN
+    from spin_ray.pairs import in_stretch_order
+
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    row_ids = np.arange(20, dtype=np.int64)
+    pq.write_table(pa.table({"row_id": row_ids}), prepared / "part-0.parquet")
+    stretch = stretch_sample_ids(data_order(row_ids, 7), 5, 12)  # positions 5..16, batches of 4
+    batches = [stretch[i:i + 4] for i in (0, 4, 8)]
+    names = {tuple(b): str(tmp_path / FILE_PATTERN.format(first_id=int(b.min()), uid=f"u{i}"))
+             for i, b in enumerate(batches)}
+    copied = str(tmp_path / FILE_PATTERN.format(first_id=(1 << REPEAT_SHIFT) * 9, uid="hist"))  # not in the stretch
+    files = sorted([*names.values(), copied])  # the file-name order cached_files gives
+    ordered = in_stretch_order(files, str(prepared), seed=7, offset=5, n_samples=12)
+    assert ordered == [copied, *(names[tuple(b)] for b in batches)]
