@@ -65,6 +65,7 @@ def trainer_stub(monkeypatch):
     monkeypatch.setattr(spin_ray.trainer, "checkpoint_history", lambda checkpoint: [])
     monkeypatch.setattr(spin_ray.pairs, "sample_table", lambda path, n_rows, n_samples, **kwargs: "samples")
     monkeypatch.setattr(spin_ray.pairs, "spin_pairs", lambda samples, spec, **kwargs: "pairs")
+    monkeypatch.setattr(spin_ray.pairs, "in_stretch_order", lambda files, *args, **kwargs: files)  # no prepared table
 
     def publish(*args):
         raise AssertionError("the published model was published again")
