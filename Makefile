@@ -5,9 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint unit install install-dev clean
+.PHONY: demo test test-gpu mutation lint unit install install-dev clean
 
-# The demo needs the package and its runtime dependencies only; the dev extra (pytest, ruff,
+# The demo needs the package and its runtime dependencies only; the dev extra (pytest, ruff, mutmut,
 # bandit, hypothesis, moto and s3fs for the object-store tests) is installed on top of them
 # by the targets that use it, so `make demo` downloads nothing it does not run.
 $(STAMP): pyproject.toml
@@ -38,6 +38,16 @@ test: lint
 
 unit: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q tests/unit
+
+# The tests marked gpu (CUDA training in bf16, CPU/CUDA noise draws, the bf16 reference errors):
+# all skipped, and the target passes, on a machine without CUDA. docs/TESTING.md records where they ran.
+test-gpu: $(DEV_STAMP)
+	$(BIN)/python -m pytest -q -rs -m gpu $(PYTEST_ARGS)
+
+# Mutation testing of the core modules with mutmut ([tool.mutmut] in pyproject.toml), niced; writes
+# mutation-report.json (git-ignored). About 45 minutes on 2 cores, so not part of `make test` or CI.
+mutation: $(DEV_STAMP)
+	nice -n 19 $(BIN)/python scripts/mutation_report.py $(MUTATION_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -7,7 +7,8 @@ loss and every gradient must equal the eager ones up to the reordering of float3
 compiler's fused kernels may do (rtol 1e-4, atol 1e-5). ``generation.compile`` compiles through
 the same helper (``spin_ray.fast_path._prepare``, ``unet.compile()``); it differs only in eval
 mode and frozen weights. Compiling the forward and backward graphs with inductor on a CPU takes
-about 1.5 CPU-minutes (4 minutes of wall time on a loaded 2-core machine): ``slow``.
+about 1.5 CPU-minutes with a cold inductor cache (4 minutes of wall time on a loaded 2-core
+machine; about 30 s once inductor's on-disk cache holds the kernels): ``slow``.
 """
 
 from __future__ import annotations

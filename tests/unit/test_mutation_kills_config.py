@@ -8,12 +8,15 @@ PyYAML's own error, not from the code under test.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from typing import Literal
 
 import pytest
 import yaml
 
 from spin_ray.config import ConfigError, TrainConfig
 from spin_ray.config_load import apply_overrides, parse_override
+from spin_ray.config_validate import build_dataclass, coerce
 
 
 def test_an_override_splits_at_its_first_equals_sign():
@@ -52,3 +55,54 @@ def test_an_unknown_key_like_no_known_one_lists_the_valid_keys_of_its_section():
     with pytest.raises(ConfigError) as err:
         apply_overrides({}, ["train.zzzzqq=1"])
     assert str(err.value) == f"unknown config key 'train.zzzzqq'; valid keys here: {valid}"
+
+
+# ----------------------------------------------------------------------------- coercion (config_validate)
+
+
+@dataclass
+class Inner:
+    x: int
+
+
+@dataclass
+class Outer:
+    inner: Inner
+
+
+def _message(value, tp, key: str = "k") -> str:
+    with pytest.raises(ConfigError) as err:
+        coerce(value, tp, key)
+    return str(err.value)
+
+
+def test_a_value_that_fits_no_member_of_a_union_names_the_union_without_typing_prefixes():
+    # str(Literal[...] | None) is "typing.Optional[typing.Literal['a', 'b']]"
+    assert _message("x", Literal["a", "b"] | None) == "k: 'x' is not a Optional[Literal['a', 'b']]"
+    assert _message("x", float | None) == "k: 'x' is not a float | None"
+
+
+def test_each_kind_of_mismatch_says_what_was_expected_and_what_came():
+    assert _message(1, type(None)) == "k: expected null, got 1"
+    assert _message("a", list[int]) == "k: expected a list, got 'a'"
+    assert _message([1], dict[str, int]) == "k: expected a mapping, got [1]"
+    assert _message("7", int) == "k: expected int, got '7' (str)"
+
+
+def test_a_bad_item_is_named_by_its_index_and_a_bad_mapping_entry_by_its_key():
+    assert _message([1, "x"], list[int]) == "k[1]: expected int, got 'x' (str)"
+    assert _message({"a": "x"}, dict[str, int]) == "k.a: expected int, got 'x' (str)"
+    assert _message({1: 2}, dict[str, int]) == "k: expected str, got 1 (int)"
+
+
+def test_a_section_that_is_not_a_mapping_is_named_or_called_config_at_the_top():
+    with pytest.raises(ConfigError, match=r"^config: expected a mapping, got \[1\]$"):
+        build_dataclass(Outer, [1], "")
+    with pytest.raises(ConfigError, match=r"^inner: expected a mapping, got 3$"):
+        build_dataclass(Outer, {"inner": 3}, "")
+
+
+def test_a_bad_value_in_a_nested_section_is_named_by_its_dotted_path():
+    with pytest.raises(ConfigError, match=r"^inner\.x: expected int, got 'a' \(str\)$"):
+        build_dataclass(Outer, {"inner": {"x": "a"}}, "")
+    assert build_dataclass(Outer, {"inner": {"x": 2}}, "") == Outer(Inner(2))
