@@ -45,7 +45,8 @@ test-gpu: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q -rs -m gpu $(PYTEST_ARGS)
 
 # Mutation testing of the core modules with mutmut ([tool.mutmut] in pyproject.toml), niced; writes
-# mutation-report.json (git-ignored). About 45 minutes on 2 cores, so not part of `make test` or CI.
+# mutation-report.json (git-ignored). About 20 minutes on an idle 2-core machine (over an hour when
+# other jobs share it), so not part of `make test` or CI.
 mutation: $(DEV_STAMP)
 	nice -n 19 $(BIN)/python scripts/mutation_report.py $(MUTATION_ARGS)
 

@@ -15,12 +15,14 @@ results (``mutants/<file>.meta``) and writes ``mutation-report.json``::
 ``total`` counts every selected mutant; ``no_tests`` (no selected test calls the function) and
 ``other`` (mutmut's "suspicious", "segfault", "not checked", ...) are listed among the
 survivors too, since no test caught them. docs/TESTING.md records the result and explains the
-equivalent mutants. Not part of ``make test``: a full run takes about half an hour on 2 cores.
+equivalent mutants. Not part of ``make test``: a full run takes about 20 minutes on an idle 2-core
+machine, over an hour when other jobs share it.
 
-Usage: python scripts/mutation_report.py [--max-children N] [--reuse] [--only GLOB ...]
+Usage: python scripts/mutation_report.py [--max-children N] [--reuse] [--only GLOB ...] [--report-only]
   --reuse       keep mutants/ from an earlier run (mutmut regenerates changed functions only)
   --only GLOB   run only the mutants matching these mutmut names (e.g. 'spin_ray.loss.x_h2_weight*');
                 the report then covers only them
+  --report-only do not run mutmut; summarise what mutants/ holds (e.g. after a resumed run)
 """
 
 from __future__ import annotations

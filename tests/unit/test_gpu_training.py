@@ -51,8 +51,8 @@ def test_noise_draws_are_identical_on_cpu_and_cuda():
     seeds = [3, 1_000_003, 2**62 + 5]
     on_cpu = row_noise_and_timesteps(seeds, LATENT_SHAPE, 1000, shared_noise=False)
     on_gpu = row_noise_and_timesteps(seeds, LATENT_SHAPE, 1000, CUDA, shared_noise=False)
-    assert on_gpu.noise_real.device.type == "cuda" and on_gpu.timesteps.device.type == "cuda"
     for name in ("noise_real", "noise_syn", "timesteps"):
+        assert getattr(on_gpu, name).device.type == "cuda", name
         assert torch.equal(getattr(on_gpu, name).cpu(), getattr(on_cpu, name)), name
     # The sampler's initial noise: one CPU generator per row, moved to the device.
     cpu_rows = _row_normal([torch.Generator().manual_seed(s) for s in seeds], LATENT_SHAPE, "cpu")
