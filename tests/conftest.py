@@ -45,3 +45,14 @@ def tiny_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_components(tiny_pipeline_dir: Path) -> SDComponents:
     """A fresh load of the tiny pipeline per test (tests may change its weights)."""
     return load_components(str(tiny_pipeline_dir), local_files_only=True)
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """``self_play.run`` without Ray or a model: Ray's start is a no-op and theta_0 is the
+    placeholder ``/models/base`` (tests replace the stages they exercise themselves)."""
+    import spin_ray.ray_session
+    from spin_ray import stages
+
+    monkeypatch.setattr(spin_ray.ray_session, "ensure_ray", lambda *args, **kwargs: False)
+    monkeypatch.setattr(stages, "resolve_base_model", lambda cfg, rundir: "/models/base")

@@ -112,15 +112,13 @@ def test_describe_stretch():
 
 
 @pytest.fixture
-def recorded(monkeypatch, tmp_path):
+def recorded(monkeypatch, tmp_path, no_ray):
     """self_play.run without Ray: records what each stage asked sample_table for."""
     import spin_ray.pairs
     import spin_ray.ray_session
     import spin_ray.trainer
 
     calls = []
-    monkeypatch.setattr(spin_ray.ray_session, "ensure_ray", lambda *args, **kwargs: False)
-    monkeypatch.setattr(stages, "resolve_base_model", lambda cfg, rundir: "/models/base")
     monkeypatch.setattr(spin_ray.trainer, "fit", lambda plan, dataset, **kwargs: SimpleNamespace(checkpoint=None))
     monkeypatch.setattr(spin_ray.trainer, "checkpoint_history", lambda checkpoint: [])
     monkeypatch.setattr(spin_ray.pairs, "sample_table", lambda path, n_rows, n_samples, **kwargs: calls.append(

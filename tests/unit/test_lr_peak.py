@@ -76,13 +76,11 @@ def test_the_paper_config_uses_independent_noise_and_the_papers_evaluation_seed(
     assert load_config(REPO / "configs" / "default.yaml").loss.shared_noise is True  # the toy keeps it (YAML says why)
 
 
-def test_a_stage_whose_warmup_outlasts_it_says_its_peak_and_records_it(tmp_path, monkeypatch, capsys):
+def test_a_stage_whose_warmup_outlasts_it_says_its_peak_and_records_it(tmp_path, monkeypatch, capsys, no_ray):
     import spin_ray.pairs
     import spin_ray.ray_session
     import spin_ray.trainer
 
-    monkeypatch.setattr(spin_ray.ray_session, "ensure_ray", lambda *args, **kwargs: False)
-    monkeypatch.setattr(stages, "resolve_base_model", lambda cfg, rundir: "/models/base")
     monkeypatch.setattr(spin_ray.trainer, "fit", lambda plan, dataset, **kwargs: SimpleNamespace(checkpoint=None))
     monkeypatch.setattr(spin_ray.trainer, "checkpoint_history", lambda checkpoint: [])
     monkeypatch.setattr(spin_ray.pairs, "sample_table", lambda *args, **kwargs: "samples")

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-import spin_ray.ray_session
 from spin_ray import self_play, stages
 from spin_ray.config import ConfigError, load_config
 from spin_ray.opponents import cached_files, write_batch
@@ -23,7 +22,7 @@ from spin_ray.rundir import RunDir
 
 
 @pytest.fixture
-def trained(monkeypatch):
+def trained(monkeypatch, no_ray):
     """self_play.run's stages replaced; returns the keyword arguments of every iteration that trained."""
     calls: list[dict] = []
 
@@ -36,8 +35,6 @@ def trained(monkeypatch):
         rundir.mark_done(rel, {})
         return rundir.local_copy(f"{rel}/model")
 
-    monkeypatch.setattr(spin_ray.ray_session, "ensure_ray", lambda *args, **kwargs: False)
-    monkeypatch.setattr(stages, "resolve_base_model", lambda cfg, rundir: "/models/base")
     monkeypatch.setattr(stages, "ensure_prepared",
                         lambda cfg, rundir, base_model: stages.Prepared(path="prepared", n_rows=1))
     monkeypatch.setattr(stages, "run_stage", run_stage)

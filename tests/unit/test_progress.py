@@ -3,19 +3,10 @@ terminal, printed only when something changed when piped, with rate and ETA from
 
 from __future__ import annotations
 
-import io
+from console_helpers import Output
 
 from spin_ray.progress import Snapshot, StageProgress, write_progress
 from spin_ray.rundir import RunDir
-
-
-class Output(io.StringIO):
-    def __init__(self, tty: bool):
-        super().__init__()
-        self.tty = tty
-
-    def isatty(self) -> bool:
-        return self.tty
 
 
 def progress(rundir: RunDir, out: Output, **kwargs) -> StageProgress:

@@ -15,7 +15,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import spin_ray.ray_session
 from spin_ray import self_play, stages
 from spin_ray.config import load_config
 from spin_ray.opponents import FILE_PATTERN
@@ -30,12 +29,6 @@ def config(run_dir: Path, **values):
 def finished(rundir: RunDir, rel: str) -> None:
     rundir.write_text_atomic(f"{rel}/model/weights.txt", rel)
     rundir.mark_done(rel, {})
-
-
-@pytest.fixture
-def no_ray(monkeypatch):
-    monkeypatch.setattr(spin_ray.ray_session, "ensure_ray", lambda *args, **kwargs: False)
-    monkeypatch.setattr(stages, "resolve_base_model", lambda cfg, rundir: "/models/base")
 
 
 def test_rerunning_a_finished_run_says_every_stage_is_reused(tmp_path, no_ray, capsys):

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-import spin_ray.ray_session
 from spin_ray import self_play, stages
 from spin_ray.config import load_config
 from spin_ray.rundir import RunDir
@@ -39,7 +38,7 @@ def finished_iteration(rundir: RunDir, rel: str, weights: str) -> None:
 
 
 @pytest.fixture
-def trained(monkeypatch):
+def trained(monkeypatch, no_ray):
     """self_play.run's stages replaced; returns the (rel, opponent) of every stage that trained."""
     trained: list[tuple[str, str]] = []
 
@@ -50,8 +49,6 @@ def trained(monkeypatch):
         finished_iteration(rundir, rel, f"{rel} trained against {model_path}")
         return rundir.local_copy(f"{rel}/model")
 
-    monkeypatch.setattr(spin_ray.ray_session, "ensure_ray", lambda *args, **kwargs: False)
-    monkeypatch.setattr(stages, "resolve_base_model", lambda cfg, rundir: "/models/base")
     monkeypatch.setattr(stages, "ensure_prepared",
                         lambda cfg, rundir, base_model: stages.Prepared(path="prepared", n_rows=1))
     monkeypatch.setattr(stages, "run_stage", run_stage)

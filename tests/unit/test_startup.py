@@ -4,7 +4,6 @@ local Ray gets the laptop settings of spin_ray.ray_session.LOCAL_ENV."""
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import subprocess
@@ -12,6 +11,7 @@ import sys
 import threading
 
 import pytest
+from console_helpers import Output
 
 import spin_ray.ray_session
 from spin_ray.trainer import StartedIterator
@@ -134,15 +134,6 @@ def test_the_free_port_is_free_on_loopback():
     port = spin_ray.ray_session.free_loopback_port()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", port))  # raises if something listens there
-
-
-class Output(io.StringIO):
-    def __init__(self, tty: bool):
-        super().__init__()
-        self.tty = tty
-
-    def isatty(self) -> bool:
-        return self.tty
 
 
 @pytest.mark.parametrize("tty", [False, True])
