@@ -20,6 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from spin_ray.config_baselines import (  # noqa: F401  (re-exported: spin_ray.config is the schema)
+    BaselinesConfig,
+    DpoBaselineConfig,
+    LrSchedule,
+    SftBaselineConfig,
+)
+from spin_ray.config_tracking import PublishConfig, TrackingConfig
 from spin_ray.errors import UserError
 
 
@@ -121,10 +128,12 @@ class LossConfig:
     """Use the same noise for the real and the synthetic branch (common random numbers)."""
     timestep_weighting: Literal["none", "h2"] = "none"
     """``h2``: weight each sample by the paper's h_t^2 (eq. C.5); ``none``: fold it into beta."""
+    synthetic_states: Literal["forward", "reverse"] = "forward"
+    """Where the synthetic branch's noisy states come from. ``forward`` (the paper's experiments,
+    eq. 4.9): the forward process applied to theta_k's finished image. ``reverse`` (eq. C.5):
+    the state x'_t at a random step of theta_k's own sampling trajectory, with theta_k's
+    conditional noise prediction there as the synthetic target (:mod:`spin_ray.loss`)."""
 
-
-LrSchedule = Literal["linear", "constant", "cosine"]
-"""The learning-rate schedules after warm-up (:func:`spin_ray.train_step.make_lr_scheduler`)."""
 
 BaselineName = Literal["sft", "dpo"]
 OpponentChoice = Literal["previous", "initial"]
@@ -173,6 +182,12 @@ class TrainConfig:
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
     max_failures: int = 0
     """Worker-group restarts Ray Train may make (from the last checkpoint) before giving up."""
+    eval_every: int = 0
+    """Score a checkpoint every N optimizer steps (and the last) on ``eval.selection_prompts``
+    after the stage trains (0: never); the scores are the stage's training curve (Fig. 7)."""
+    keep: Literal["last", "best"] = "last"
+    """Which checkpoint a stage publishes: ``last``, or ``best`` on the selection prompts' average
+    score (needs ``eval_every``)."""
 
 
 @dataclass(frozen=True)
@@ -205,57 +220,6 @@ class SelfPlayConfig:
     always compares theta with theta_{k-1} (SPIN for language models, Chen et al. 2024, mixes
     iterations t and t-1). 1 (the paper): only theta_{k-1}'s own opponents. The trainer reads
     the copied rows first, then the new ones."""
-
-
-@dataclass(frozen=True)
-class SftBaselineConfig:
-    """The SFT baseline's schedule (``self_play.baselines: [sft]``); an unset (null) value is the
-    self-play value, as the SFT baseline has always trained."""
-
-    lr: float | None = None
-    """Peak learning rate; null: iteration 1's ``train.lr``."""
-    steps: int | None = None
-    """Optimizer steps; null: all iterations' ``train.steps`` summed (as many samples as self-play
-    when the batch is the same)."""
-    batch_size: int | None = None
-    """Samples per micro-batch, per training worker; null: ``train.batch_size``."""
-    gradient_accumulation_steps: int | None = None
-    """Micro-batches per optimizer step; null: ``train.gradient_accumulation_steps``."""
-    warmup_steps: int | None = None
-    """Linear warm-up steps; null: ``train.warmup_steps``."""
-    lr_schedule: LrSchedule | None = None
-    """After warm-up: ``constant``, ``linear`` or ``cosine`` decay to 0; null: ``train.lr_schedule``."""
-
-
-@dataclass(frozen=True)
-class DpoBaselineConfig:
-    """The Diffusion-DPO baseline's schedule (``self_play.baselines: [dpo]``; Wallace et al. 2023):
-    theta_0 trained on the data's (winner, loser) pairs against theta_0 itself as the fixed
-    reference; an unset (null) value is the self-play value."""
-
-    lr: float | None = None
-    """Peak learning rate; null: iteration 1's ``train.lr``."""
-    steps: int | None = None
-    """Optimizer steps; null: all iterations' ``train.steps`` summed."""
-    batch_size: int | None = None
-    """(winner, loser) pairs per micro-batch, per training worker; null: ``train.batch_size``."""
-    gradient_accumulation_steps: int | None = None
-    """Micro-batches per optimizer step; null: ``train.gradient_accumulation_steps``."""
-    warmup_steps: int | None = None
-    """Linear warm-up steps; null: ``train.warmup_steps``."""
-    lr_schedule: LrSchedule | None = None
-    """After warm-up: ``constant``, ``linear`` or ``cosine`` decay to 0; null: ``train.lr_schedule``."""
-    beta: float | None = None
-    """KL strength beta (the Diffusion-DPO reference trainer's convention, as ``loss.beta``); null:
-    iteration 1's ``loss.beta``."""
-
-
-@dataclass(frozen=True)
-class BaselinesConfig:
-    """Schedules of the baselines that ``self_play.baselines`` turns on."""
-
-    sft: SftBaselineConfig = field(default_factory=SftBaselineConfig)
-    dpo: DpoBaselineConfig = field(default_factory=DpoBaselineConfig)
 
 
 @dataclass(frozen=True)
@@ -341,6 +305,8 @@ class Config:
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
 
 
 PER_ITERATION_KEYS = ("loss.beta", "train.lr", "train.steps", "train.warmup_steps")
