@@ -6,22 +6,28 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
+from ray_processes import (
+    free_port,
+    head_command,
+    kill_tagged,
+    stop_head,
+    submit_job,
+    tagged_env,
+    wait_for_job_server,
+)
 
 from spin_ray.toy.world import write_pickapic_parquet
 
 REPO = Path(__file__).resolve().parents[2]
 RESOLUTION = 128
-TAG = "SPIN_RAY_TEST_TAG"
 
 
 def overrides(tiny_pipeline_dir: Path, data: Path, run_dir: Path, iterations: int = 2) -> list[str]:
@@ -35,33 +41,6 @@ def overrides(tiny_pipeline_dir: Path, data: Path, run_dir: Path, iterations: in
         "eval.enabled": False,
     }
     return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in values.items()]
-
-
-def tagged_env(tag: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env[TAG] = tag
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["RAY_AUTH_MODE"] = "disabled"
-    return env
-
-
-def kill_tagged(tag: str) -> int:
-    """SIGKILL every process that carries ``tag`` in its environment (ours only, by PID)."""
-    killed = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if f"{TAG}={tag}".encode() in environ.split(b"\0"):
-            try:
-                os.kill(int(entry.name), signal.SIGKILL)
-                killed += 1
-            except ProcessLookupError:
-                pass
-    return killed
 
 
 @pytest.fixture
@@ -121,12 +100,6 @@ def test_killed_driver_resumes_at_the_next_iteration(tiny_pipeline_dir, toy_parq
     assert "prepared " not in output  # the real table was reused, not encoded again
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def short_temp_dir():
     """Ray's temp dir: its unix sockets must stay under 107 bytes, which pytest's tmp_path can exceed."""
@@ -135,55 +108,21 @@ def short_temp_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def wait_for_job_server(address: str, head: subprocess.Popen, head_log: Path, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"{address}/api/version", timeout=5):
-                return
-        except OSError:
-            pass
-        if head.poll() is not None or time.time() > deadline:
-            raise AssertionError(f"`ray start` gave no job server at {address}:\n{head_log.read_text()[-4000:]}")
-        time.sleep(2)
-
-
 @pytest.mark.slow
 def test_ray_job_submit_runs_self_play(tiny_pipeline_dir, toy_parquet, tmp_path, tag, short_temp_dir):
-    ray_bin = Path(sys.executable).parent / "ray"
     gcs_port, dashboard_port = free_port(), free_port()
     env = tagged_env(tag)
     head_log = tmp_path / "ray_start.log"
-    head = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-         "--num-cpus=4", f"--temp-dir={short_temp_dir}",
-         # Free ports for the node's agents: the defaults (52365 ...) are taken by the test
-         # session's own Ray, and a job agent that cannot bind never takes a job.
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-         f"--ray-client-server-port={free_port()}"],
-        env=env, stdout=head_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    head = subprocess.Popen(head_command(gcs_port, dashboard_port, short_temp_dir, "--num-cpus=4"),
+                            env=env, stdout=head_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dashboard_port}"
         wait_for_job_server(address, head, head_log, timeout=240)
         run_dir = tmp_path / "run"
-        submit = [str(ray_bin), "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--",
-                  "python", "jobs/self_play.py", *overrides(tiny_pipeline_dir, toy_parquet, run_dir, iterations=1)]
-        deadline = time.time() + 240
-        while True:  # the node's job agent registers some seconds after the job server answers
-            result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
-            if result.returncode == 0 or "No available agent" not in result.stderr + result.stdout:
-                break
-            assert time.time() < deadline, result.stderr[-2000:] + head_log.read_text()[-2000:]
-            time.sleep(3)
+        entrypoint = ["python", "jobs/self_play.py", *overrides(tiny_pipeline_dir, toy_parquet, run_dir, iterations=1)]
+        result = submit_job(address, entrypoint, env, working_dir=REPO)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
         assert "succeeded" in result.stdout.lower()
         assert (run_dir / "iter_1" / "DONE").exists()
     finally:
-        os.kill(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
+        stop_head(head, tag)
