@@ -19,6 +19,11 @@ LOCAL_ENV = {
     # Ray Train's controller polls its workers this often (default 2 s): it notices a finished
     # training that much later, once per stage.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # The raylet waits this long for its agents (dashboard agent, metrics agent) to start and
+    # then aborts, and ray.init fails with "The current node timed out during startup". Ray
+    # 2.60 waits 15 s; a busy 2-core laptop took over 15 s to start the agents (seen here at
+    # load 8-20). Two minutes instead.
+    "RAY_agent_register_timeout_ms": "120000",
 }
 """Settings of a private local instance (docs/PERFORMANCE.md); the environment overrides each.
 Clusters keep Ray's defaults."""

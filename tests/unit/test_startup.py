@@ -104,6 +104,8 @@ def test_a_local_instance_gets_the_laptop_settings(fake_ray, monkeypatch):
     assert os.environ["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] == "5"
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == spin_ray.ray_session.LOCAL_ENV[
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
+    # the raylet's wait for its agents: Ray's 15 s aborted the node on a busy laptop
+    assert int(os.environ["RAY_agent_register_timeout_ms"]) >= 60_000
 
 
 def test_a_cluster_keeps_rays_defaults(fake_ray, monkeypatch):
