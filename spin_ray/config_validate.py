@@ -147,6 +147,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"generation.guidance_scale: must be >= 1, got {cfg.generation.guidance_scale}")
     _validate_baselines(cfg)
     _validate_selection_prompts(cfg)
+    from spin_ray.checkpoint_selection import check_selection_config  # here: it imports the config
+
+    check_selection_config(cfg)
     if cfg.self_play.opponent_history < 1:
         raise ConfigError(f"self_play.opponent_history: must be >= 1, got {cfg.self_play.opponent_history}")
     if cfg.self_play.opponent_history > 1 and cfg.self_play.opponent == "initial":

@@ -8,8 +8,10 @@ layout::
 
     config.yaml                        resolved config of the whole run (every job writes it first)
     lease.json                         the driver working in it now: host, pid, heartbeat (while it runs)
+    config_history.jsonl               config changes accepted with --accept-config-change (spin_ray.rerun_check)
+    logs/                              TensorBoard event files, one folder per stage (tracking.backends)
     toy_data/train.parquet             the toy world's real rows (only when data.path is unset)
-    prepared/                          the encoded real table: data/ (parquet shards) + DONE
+    prepared/                          the encoded real table: data/ (parquet shards) + config.yaml + DONE
     baseline_sft/                      the SFT baseline: a *stage*, laid out like an iteration
     baseline_dpo/                      the Diffusion-DPO baseline: a stage too (no opponents/)
     iter_<k>/                          self-play iteration k = 1..K, a stage (theta_k against theta_{k-1}):
@@ -19,6 +21,10 @@ layout::
         config.yaml                    resolved config of this stage (its beta, lr, steps)
         metrics.json                   training summary and per-step history
         progress.json                  live progress while it trains (step, loss, time)
+        checkpoints/step_<N>/          train.eval_every: theta after step N as a diffusers model (+ DONE),
+                                       written while it trains, removed once the stage is DONE
+        checkpoint_eval/step_<N>/      its scores on eval.selection_prompts (scores.parquet + DONE)
+        selection_curve.json           those scores against the step, and the checkpoint published
         DONE                           written last: the stage is complete
     iter_<k>.stale-<time>/             a finished stage set aside because an earlier one was redone
     eval/[<prompt set>/]<model>/       scores.parquet + DONE (prompt set level only with several sets)
@@ -55,6 +61,8 @@ class RunLayout:
 
     CONFIG = "config.yaml"
     LEASE = "lease.json"  # the driver that holds the run directory now (spin_ray.run_lease)
+    CONFIG_HISTORY = "config_history.jsonl"  # accepted config changes (spin_ray.rerun_check)
+    LOGS = "logs"  # tracker event files (spin_ray.tracking)
     DONE = "DONE"
     PREPARED = "prepared"
     TOY_DATA = "toy_data/train.parquet"
@@ -75,6 +83,8 @@ class RunLayout:
     """theta_0's name where a model of the run is named (the opponent of iteration 1, the first model
     of a report): the base model, which lives outside the run directory."""
     TUNE = "tune"  # Ray Tune's experiment folder, under a sweep's iteration or sweep/pbt
+    SELECTION_CURVE_FILE = "selection_curve.json"
+    """In a stage trained with ``train.eval_every``: its checkpoints' scores on the selection prompts."""
 
     # ------------------------------------------------------------------ stages
 
@@ -143,6 +153,26 @@ class RunLayout:
     def stage_lineage(cls, stage: str) -> str:
         """A PBT trial iteration's opponent and hyperparameters (JSON): whose weights it started from."""
         return f"{stage}/{cls.LINEAGE_FILE}"
+
+    @staticmethod
+    def stage_checkpoints(stage: str) -> str:
+        """The stage's checkpoints to score (``train.eval_every``): one diffusers model per scored step."""
+        return f"{stage}/checkpoints"
+
+    @classmethod
+    def stage_checkpoint(cls, stage: str, step: int) -> str:
+        """theta after optimizer step ``step`` of the stage, a diffusers model directory with DONE."""
+        return f"{cls.stage_checkpoints(stage)}/step_{step:06d}"
+
+    @staticmethod
+    def stage_checkpoint_eval(stage: str, step: int) -> str:
+        """The scores of :meth:`stage_checkpoint` on the selection prompts (an evaluation directory)."""
+        return f"{stage}/checkpoint_eval/step_{step:06d}"
+
+    @classmethod
+    def stage_selection_curve(cls, stage: str) -> str:
+        """The stage's checkpoint scores against the step, and which one it published (JSON)."""
+        return f"{stage}/{cls.SELECTION_CURVE_FILE}"
 
     @staticmethod
     def stage_of_model_dir(model_rel: str) -> str:

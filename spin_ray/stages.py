@@ -2,8 +2,9 @@
 
 prepare (encode the real data once) -> generate (theta_k's opponents, cached) -> train (a
 SPIN iteration, the SFT baseline or a sweep trial: :func:`run_stage`) -> publish (the trained
-UNet as a full diffusers model). :mod:`spin_ray.self_play` loops over them; the sweep
-(:mod:`spin_ray.sweep`) calls them for its trials. Every stage writes a DONE marker last, so
+UNet as a full diffusers model; with ``train.eval_every`` the best or last of the checkpoints
+scored on the selection prompts, :mod:`spin_ray.checkpoint_selection`). :mod:`spin_ray.self_play`
+loops over them; the sweep (:mod:`spin_ray.sweep`) calls them for its trials. Every stage writes a DONE marker last, so
 a rerun skips what is done (docs/DESIGN.md section 6).
 """
 
@@ -16,7 +17,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from spin_ray.checkpoint_selection import (
+    Selection,
+    check_selection_config,
+    remove_checkpoints,
+    select_and_publish,
+    snapshot_checkpoint_every,
+    stage_selection,
+)
 from spin_ray.config import Config, DataConfig, baseline_names, dump_config
+from spin_ray.hub_upload import upload_stage_model
+from spin_ray.model_card import publish_model_card
 from spin_ray.opponent_history import HistoryShare, copy_history, history_sources, opponent_history  # noqa: F401
 from spin_ray.rundir import RunDir
 from spin_ray.stage_plans import (  # noqa: F401  (the stage library's names, as callers use them)
@@ -91,6 +102,7 @@ def ensure_prepared(cfg: Config, rundir: RunDir, base_model: str) -> Prepared:
     (``latents_lose``); without one they are never read. A table prepared without them is
     prepared again when a DPO baseline is added later (its DONE records ``loser_latents``).
     """
+    check_selection_config(cfg)  # the first stage of every run: a bad train.eval_every/keep fails before training
     with_loser = "dpo" in baseline_names(cfg)
     if rundir.is_done(rundir.PREPARED):
         info = rundir.read_done(rundir.PREPARED)
@@ -98,6 +110,7 @@ def ensure_prepared(cfg: Config, rundir: RunDir, base_model: str) -> Prepared:
         if not with_loser or info.get("loser_latents"):
             print(f"[prepare] already done in an earlier run: reusing its {info['n_rows']} encoded real rows "
                   f"in {path}", flush=True)
+            rundir.verify(rundir.PREPARED)  # its checksums, before any stage reads it (once per process)
             return Prepared(path=path, n_rows=int(info["n_rows"]))
         print(f"[prepare] the earlier run encoded no loser images and the dpo baseline needs them: "
               f"preparing {path} again", flush=True)
@@ -149,7 +162,7 @@ def run_baseline(cfg: Config, rundir: RunDir, name: str, *, base_model: str, pre
     """
     return run_stage(cfg, rundir, rundir.baseline(name), model_path=base_model, base_model=base_model,
                      prepared=prepared, iteration=1, loss_type=name, plan=baseline_plan(cfg, name, base_model),
-                     offset=0)
+                     offset=0, selection=stage_selection(cfg, name))
 
 
 # ----------------------------------------------------------------------------- opponent history
@@ -208,7 +221,7 @@ def generate_opponents(cfg: Config, rundir: RunDir, opponents_rel: str, *, model
 def run_stage(cfg: Config, rundir: RunDir, rel: str, *, model_path: str, base_model: str,
               prepared: Prepared, iteration: int, loss_type: str, opponents_rel: str | None = None,
               steps: int | None = None, plan=None, offset: int | None = None, init_model: str | None = None,
-              history: int = 1) -> str:
+              history: int = 1, selection: Selection | None = None) -> str:
     """Train one model (a SPIN iteration or a baseline); returns its model directory.
 
     ``model_path`` plays the opponent (and is the reference); theta starts from ``init_model``
@@ -222,14 +235,21 @@ def run_stage(cfg: Config, rundir: RunDir, rel: str, *, model_path: str, base_mo
     baseline's, :func:`baseline_plan`). The ``sft`` and ``dpo`` losses generate no opponents.
     The stage trains on the data order's positions ``offset ..`` (default
     :func:`iteration_offset`; a baseline passes 0), recorded in its metrics.json (``data_order``).
+
+    ``selection`` (default ``train.eval_every`` / ``train.keep``): with ``eval_every`` > 0 the
+    stage scores checkpoints on the selection prompts after training and publishes the best
+    or the last (:mod:`spin_ray.checkpoint_selection`); metrics.json's ``selection`` and DONE's
+    ``published_step`` say which.
     """
     model_rel = rundir.stage_model(rel)
     if rundir.is_done(rel):
         say_reused(rel, rundir.path(model_rel))
+        remove_checkpoints(rundir, rel)  # an earlier run died between DONE and deleting them
         return rundir.local_copy(model_rel)
     from spin_ray.pairs import describe_stretch
-    from spin_ray.trainer import checkpoint_history
 
+    check_selection_config(cfg)
+    selection = selection or stage_selection(cfg)
     started = time.time()
     plan = plan or train_plan(cfg, init_model or model_path, iteration, loss_type, steps)
     if init_model is not None and init_model != model_path and plan.online_reference:
@@ -247,14 +267,9 @@ def run_stage(cfg: Config, rundir: RunDir, rel: str, *, model_path: str, base_mo
     if peak < plan.lr:
         print(f"[{rel}] warm-up of {plan.warmup_steps} steps is longer than the {plan.steps} steps trained: "
               f"the learning rate peaks at {peak:.3g}, not {plan.lr:g}", flush=True)
-    result = _train(cfg, rundir, rel, plan, prepared=prepared, opponents=opponents, model_path=model_path,
-                    iteration=iteration, n_samples=n_samples, offset=offset, history=mixed)
-    history = checkpoint_history(result.checkpoint)
-    if rundir.is_done(model_rel):  # an earlier run died between publishing the model and marking the stage done
-        print(f"[{rel}] model already published at {rundir.path(model_rel)} by an earlier run; keeping it",
-              flush=True)
-    else:
-        _publish_model(result.checkpoint, base_model, rundir, model_rel)
+    history, chosen = _train_and_publish(cfg, rundir, rel, plan, selection, base_model=base_model, prepared=prepared,
+                                         opponents=opponents, model_path=model_path, iteration=iteration,
+                                         n_samples=n_samples, offset=offset, history=mixed)
     rundir.write_text_atomic(rundir.stage_config(rel), dump_config(cfg))
     rundir.write_json_atomic(rundir.stage_metrics(rel), {
         "iteration": iteration, "loss_type": loss_type, "opponent": model_path, "beta": plan.beta,
@@ -264,14 +279,47 @@ def run_stage(cfg: Config, rundir: RunDir, rel: str, *, model_path: str, base_mo
         "n_samples": n_samples,
         "data_order": describe_stretch(prepared.n_rows, offset, n_samples - sum(len(m.sample_ids) for m in mixed)),
         "seconds": time.time() - started,
-        "history": history,
+        "history": history, "selection": chosen,
     })
-    rundir.mark_done(rel, {"seconds": time.time() - started, "steps": plan.steps})
+    publish_model_card(cfg, rundir, rel)  # after the model's DONE: the card is not in its checksums
+    upload_stage_model(cfg, rundir, rel)
+    rundir.mark_done(rel, {"seconds": time.time() - started, "steps": plan.steps,
+                           "published_step": chosen["published_step"] if chosen else plan.steps})
+    remove_checkpoints(rundir, rel)
     return rundir.local_copy(model_rel)
 
 
+def _train_and_publish(cfg: Config, rundir: RunDir, rel: str, plan, selection: Selection, *, base_model: str,
+                       **train_args) -> tuple[list[dict], dict | None]:
+    """Train the stage and publish its model: the last checkpoint, or with
+    ``selection.eval_every`` the one :func:`spin_ray.checkpoint_selection.select_and_publish`
+    chooses among the scored ones. Returns the training history and the selection record (None
+    without ``eval_every``)."""
+    from dataclasses import replace
+
+    from spin_ray.trainer import Snapshots, checkpoint_history
+
+    snapshots = None
+    if selection.eval_every > 0:  # the loop hands over theta at every scored step
+        ray_every = plan.checkpoint_every  # Ray Train's checkpoints (for resuming) stay where they were
+        plan = replace(plan, checkpoint_every=snapshot_checkpoint_every(selection.eval_every, ray_every))
+        snapshots = Snapshots(rundir, rel, selection.eval_every, ray_every)
+    result = _train(cfg, rundir, rel, plan, snapshots=snapshots, **train_args)
+    history = checkpoint_history(result.checkpoint)
+    model_rel = rundir.stage_model(rel)
+    if snapshots is not None:
+        return history, select_and_publish(cfg, rundir, rel, selection, steps=plan.steps, history=history)
+    if rundir.is_done(model_rel):  # an earlier run died between publishing the model and marking the stage done
+        print(f"[{rel}] model already published at {rundir.path(model_rel)} by an earlier run; keeping it",
+              flush=True)
+    else:
+        _publish_model(result.checkpoint, base_model, rundir, model_rel)
+    return history, None
+
+
 def _train(cfg: Config, rundir: RunDir, rel: str, plan, *, prepared: Prepared, opponents: str | None,
-           model_path: str, iteration: int, n_samples: int, offset: int, history: list[HistoryShare] | None = None):
+           model_path: str, iteration: int, n_samples: int, offset: int, history: list[HistoryShare] | None = None,
+           snapshots=None):
     """Ray Train on the stage's samples (SFT rows, or pairs against ``model_path``'s opponents
     cached in ``opponents``) at positions ``offset ..`` of the data order
     (:func:`spin_ray.pairs.sample_table`), with its live progress on the console; the
@@ -294,7 +342,7 @@ def _train(cfg: Config, rundir: RunDir, rel: str, plan, *, prepared: Prepared, o
         return fit(plan, dataset, name=name, storage_path=storage_path,
                    num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                    resources_per_worker=worker_resources(cfg), max_failures=cfg.train.max_failures,
-                   progress=rundir.path(rundir.stage_progress(rel)))
+                   progress=rundir.path(rundir.stage_progress(rel)), snapshots=snapshots)
 
 
 def _repeat_note(n_rows: int, n_samples: int) -> str:

@@ -11,10 +11,13 @@ optimizer steps.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,6 +26,7 @@ import torch
 # this module, and a worker should start its data stream before paying for that import.
 # spin_ray.train_loop keeps to the same rule, so importing it here costs nothing.
 from spin_ray.train_loop import (
+    UNET_DIR,
     CheckpointRequest,
     Optimization,
     Report,
@@ -34,6 +38,9 @@ from spin_ray.train_loop import (
     read_history,
     run_steps,
 )
+
+if TYPE_CHECKING:
+    from spin_ray.rundir import RunDir
 
 RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 """Ray Train's list of registered checkpoints, in ``<storage_path>/<name>/``."""
@@ -60,6 +67,8 @@ def train_loop_per_worker(config: dict) -> None:
     state = _restore(ray.train.get_checkpoint(), optim)
     runner = StepRunner(plan, model, ref_unet, scheduler, device)
     report = ray_report(rank)
+    if config.get("snapshots") is not None:  # every rank: they must hand Ray Train the same checkpoints
+        report = reporting_snapshots(report, config["snapshots"], plan, rank)
     if rank == 0 and config.get("progress"):
         report = reporting_progress(report, config["progress"], plan.steps)
     run_steps(plan, state, batches, runner, optim, report=report, rank=rank)
@@ -72,9 +81,64 @@ def reporting_progress(report: Report, location: str, steps: int) -> Report:
 
     def report_and_record(metrics: dict, checkpoint: CheckpointRequest | None) -> None:
         report(metrics, checkpoint)
-        write_progress(location, int(metrics["step"]), steps, metrics.get("loss"))
+        write_progress(location, int(metrics["step"]), steps, metrics.get("loss"), metrics=metrics)
 
     return report_and_record
+
+
+@dataclass(frozen=True)
+class Snapshots:
+    """Models to score after training (``train.eval_every``): theta after every ``every``-th
+    optimizer step and the last, each written by rank 0 as a complete diffusers model (the
+    starting model's VAE, text encoder, tokenizer and scheduler + theta's UNet, safetensors,
+    no optimizer state) to ``rundir``'s :meth:`~spin_ray.run_layout.RunLayout.stage_checkpoint`.
+
+    The plan's ``checkpoint_every`` must divide ``every`` (so the loop hands the report a
+    checkpoint request, hence theta, at those steps); Ray Train checkpoints (theta plus the
+    optimizer, for resuming) are kept only at multiples of ``ray_checkpoint_every`` (the
+    user's ``train.checkpoint_every``; 0: none) and the last step.
+    """
+
+    rundir: RunDir
+    """The run's :class:`~spin_ray.rundir.RunDir` (picklable; local or an object store)."""
+    stage: str
+    every: int
+    ray_checkpoint_every: int
+
+    def due(self, step: int, steps: int) -> bool:
+        return step >= steps or step % self.every == 0
+
+    def ray_checkpoint_due(self, step: int, steps: int) -> bool:
+        return step >= steps or bool(self.ray_checkpoint_every and step % self.ray_checkpoint_every == 0)
+
+
+def reporting_snapshots(report: Report, snapshots: Snapshots, plan: TrainPlan, rank: int) -> Report:
+    """``report`` that, at the steps :class:`Snapshots` names, first has rank 0 write theta as a
+    model to score, and that passes a checkpoint request on to ``report`` only at Ray Train
+    checkpoint steps."""
+
+    def report_and_snapshot(metrics: dict, checkpoint: CheckpointRequest | None) -> None:
+        step = int(metrics["step"])
+        if checkpoint is not None and rank == 0 and snapshots.due(step, plan.steps):
+            save_snapshot(checkpoint.optim.model, plan.init_model_path, snapshots.rundir,
+                          snapshots.rundir.stage_checkpoint(snapshots.stage, step), step)
+        report(metrics, checkpoint if checkpoint is not None and snapshots.ray_checkpoint_due(step, plan.steps)
+               else None)
+
+    return report_and_snapshot
+
+
+def save_snapshot(unet: torch.nn.Module, init_model_path: str, rundir: RunDir, rel: str, step: int) -> None:
+    """Publish ``unet`` with the other components of the diffusers model ``init_model_path``
+    as the model ``rel`` (DONE records ``step``). One already published is kept: a resumed
+    training retrains the steps after its last Ray Train checkpoint, and the scores of the
+    first copy may already be stored."""
+    if rundir.is_done(rel):
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copytree(init_model_path, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(UNET_DIR, "DONE"))
+        unet.save_pretrained(Path(tmp) / UNET_DIR, safe_serialization=True)
+        rundir.publish_dir(tmp, rel, {"step": step})
 
 
 def ray_report(rank: int) -> Report:
@@ -144,11 +208,13 @@ _EXHAUSTED = object()
 
 def fit(plan: TrainPlan, train_dataset, *, name: str, storage_path: str, num_workers: int,
         use_gpu: bool, resources_per_worker: dict[str, float] | None = None, max_failures: int = 0,
-        progress: str | None = None):
+        progress: str | None = None, snapshots: Snapshots | None = None):
     """Build and fit the TorchTrainer; returns the ``ray.train.Result``.
 
     Rerunning with the same ``name`` and ``storage_path`` resumes from the last checkpoint.
     ``progress``: a file where rank 0 records each logged step (:mod:`spin_ray.progress`).
+    ``snapshots``: also write theta as a model at those steps, for
+    :mod:`spin_ray.checkpoint_selection` to score.
     """
     import ray.train
     from ray.data import ExecutionOptions
@@ -157,7 +223,7 @@ def fit(plan: TrainPlan, train_dataset, *, name: str, storage_path: str, num_wor
     set_aside_unreadable_snapshot(storage_path, name)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": plan, "progress": progress},
+        train_loop_config={"plan": plan, "progress": progress, "snapshots": snapshots},
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu,
             resources_per_worker=resources_per_worker or {"CPU": 1},

@@ -6,7 +6,9 @@
   ``iter_1`` .. ``iter_K``, an optional SFT baseline; :func:`self_play_order`);
 - ``metrics.png``'s place among them (written with metrics.json by
   :func:`spin_ray.eval.report_files.write_report`);
-- ``training_curves.png`` when the run dir holds the training histories of these models.
+- ``training_curves.png`` when the run dir holds the training histories of these models;
+- ``selection_curves.png`` when their stages scored checkpoints during training
+  (``train.eval_every``, :mod:`spin_ray.checkpoint_selection`): the Fig. 7 curves.
 
 The stage that trained a model is the run layout's (:meth:`~spin_ray.run_layout.RunLayout.stage_of_model`).
 matplotlib (:mod:`spin_ray.eval.plots`) and the toy world are imported where they are used.
@@ -29,7 +31,7 @@ from spin_ray.run_layout import RunLayout, iteration_number
 from spin_ray.rundir import RunDir
 
 if TYPE_CHECKING:
-    from spin_ray.eval.plots import Series
+    from spin_ray.eval.plots import Curve, Series
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +137,8 @@ def training_histories(rundir: RunDir, models: Sequence[str]) -> dict[str, list[
     stage's metrics.json, written by :func:`spin_ray.stages.run_stage`) of the models
     trained in this run dir; SFT first, then the iterations in order. Stages without a
     readable, non-empty history are left out (an evaluation-only run dir has none)."""
-    stages = {stage for stage in map(rundir.stage_of_model, models) if stage is not None}
     histories: dict[str, list[dict[str, Any]]] = {}
-    # the baselines first (SFT, then DPO), then the iterations in order
-    for stage in sorted(stages, key=lambda name: (iteration_number(name) or 0, name != RunLayout.baseline("sft"))):
+    for stage in _trained_stages(rundir, models):  # the baselines first (SFT, then DPO), then the iterations
         rel = rundir.stage_metrics(stage)
         try:
             history = rundir.read_json(rel).get("history") if rundir.exists(rel) else None
@@ -148,6 +148,58 @@ def training_histories(rundir: RunDir, models: Sequence[str]) -> dict[str, list[
         if isinstance(history, list) and history:
             histories[rundir.model_name(stage)] = history
     return histories
+
+
+def _trained_stages(rundir: RunDir, models: Sequence[str]) -> list[str]:
+    """The stages of this run dir that trained ``models``: the baselines (SFT, then DPO), then
+    the iterations in order."""
+    stages = {stage for stage in map(rundir.stage_of_model, models) if stage is not None}
+    return sorted(stages, key=lambda name: (iteration_number(name) or 0, name != RunLayout.baseline("sft")))
+
+
+def _read_record(rundir: RunDir, rel: str) -> dict[str, Any] | None:
+    try:
+        record = rundir.read_json(rel) if rundir.exists(rel) else None
+    except (OSError, ValueError) as err:
+        log.warning("%s: unreadable (%s)", rundir.path(rel), err)
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def iteration_offset_steps(rundir: RunDir, k: int) -> int:
+    """Where iteration ``k`` starts on the report's step axis: the steps of iterations 1..k-1
+    (each stage's metrics.json ``steps``; one without it counts 0)."""
+    total = 0
+    for j in range(1, k):
+        record = _read_record(rundir, rundir.stage_metrics(rundir.iteration(j))) or {}
+        total += int(record.get("steps") or 0)
+    return total
+
+
+def selection_curves(rundir: RunDir, models: Sequence[str]) -> tuple[dict[str, Curve], str, str]:
+    """Stage label -> :class:`~spin_ray.eval.plots.Curve` of the stages that scored checkpoints
+    (their ``selection_curve.json``), with the metric and the prompt set they were scored on;
+    baselines start at step 0, iteration k at :func:`iteration_offset_steps`."""
+    from spin_ray.eval.plots import Curve
+
+    curves: dict[str, Curve] = {}
+    metric, prompt_set, scorers = metrics.AVERAGE, "selection prompts", []
+    for stage in _trained_stages(rundir, models):
+        record = _read_record(rundir, rundir.stage_selection_curve(stage))
+        if not record or not record.get("points"):
+            continue
+        metric, prompt_set = record.get("metric", metric), record.get("prompt_set", prompt_set)
+        scorers = record.get("scorers") or scorers
+        k = iteration_number(stage)
+        offset = iteration_offset_steps(rundir, k) if k else 0
+        points = [p for p in record["points"] if isinstance(p.get(metric), int | float)]
+        published = record.get("published_step")
+        curves[rundir.model_name(stage)] = Curve(
+            steps=[offset + p["step"] for p in points], values=[float(p[metric]) for p in points],
+            published=offset + published if isinstance(published, int) else None, offset=offset)
+    if metric == metrics.AVERAGE and len(scorers) == 1:
+        metric = scorers[0]  # with one scorer the average is that scorer
+    return curves, metric, prompt_set
 
 
 def write_report_figures(out_dir: str, rundir: RunDir, prompts: Sequence[str], columns: Mapping[str, Any],
@@ -174,4 +226,10 @@ def write_report_figures(out_dir: str, rundir: RunDir, prompts: Sequence[str], c
     curves = plots.plot_training_curves(out_dir, training_histories(rundir, list(columns)))
     if curves is not None:
         figures[curves.name] = "loss, implicit accuracy and reward margin over training steps, one line per stage"
+    selection, metric, prompt_set = selection_curves(rundir, list(columns))
+    path = plots.plot_selection_curves(out_dir, selection, metric, prompt_set)
+    if path is not None:
+        figures[path.name] = (f"{metric} on the selection prompts ({prompt_set}) of the checkpoints scored during "
+                              "training (train.eval_every), one line per stage, the published checkpoint starred "
+                              "(as the paper's Fig. 7)")
     return figures

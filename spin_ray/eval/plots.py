@@ -1,5 +1,5 @@
-"""The report's matplotlib figures: ``metrics.png``, ``<metric>_over_iterations.png`` and
-``training_curves.png``.
+"""The report's matplotlib figures: ``metrics.png``, ``<metric>_over_iterations.png``,
+``training_curves.png`` and ``selection_curves.png``.
 
 Every function takes plain data (Summary tables, :class:`Series`, training histories) and a
 local output directory and returns the path it wrote. Plots use matplotlib's Agg canvas
@@ -223,3 +223,49 @@ def plot_training_curves(
     for axis, (key, title) in zip(axes, TRAINING_PANELS, strict=True):
         _draw_training_panel(axis, histories, key, title)
     return _save(figure, out_dir, TRAINING_CURVES)
+
+
+SELECTION_CURVES = "selection_curves.png"
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One stage's scores on the selection prompts over training (``selection_curve.json``),
+    ``steps`` already shifted by the stage's ``offset`` (iterations continue the step axis)."""
+
+    steps: Sequence[float]
+    values: Sequence[float]
+    published: float | None = None
+    """The step (shifted) whose checkpoint the stage published; None: not among ``steps``."""
+    offset: float = 0.0
+
+
+def plot_selection_curves(out_dir: str | Path, curves: Mapping[str, Curve], metric: str, prompt_set: str,
+                          size: tuple[float, float] = (6.0, 3.8)) -> Path | None:
+    """``selection_curves.png``: ``metric`` on the selection prompts against the training step,
+    one line per stage (SPIN-Diffusion's Fig. 7); the published checkpoint of each stage is a
+    star, the start of each later iteration a dotted vertical line. None (nothing written)
+    when no stage has a point."""
+    drawn = {label: curve for label, curve in curves.items() if curve.steps}
+    if not drawn:
+        return None
+    figure = Figure(figsize=size, dpi=PLOT_DPI, layout="constrained")
+    axis = figure.subplots()
+    everything: list[float] = []
+    for index, (label, curve) in enumerate(drawn.items()):
+        axis.plot(list(curve.steps), list(curve.values), marker="o", markersize=4, color=f"C{index}", label=label,
+                  linewidth=1.2)
+        if curve.offset > 0:
+            axis.axvline(curve.offset, color=f"C{index}", linestyle=":", linewidth=1)
+        if curve.published is not None and curve.published in curve.steps:
+            value = curve.values[list(curve.steps).index(curve.published)]
+            axis.plot([curve.published], [value], marker="*", markersize=13, color=f"C{index}", linestyle="none")
+        everything += list(curve.values)
+    axis.set_ylim(*value_limits(everything))
+    axis.set_xlabel("training step (each iteration continues where the one before it ended)")
+    axis.set_ylabel(f"{metric} ({prompt_set})")
+    axis.set_title(f"{metric} on the selection prompts during training (star: the published checkpoint)",
+                   fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    return _save(figure, out_dir, SELECTION_CURVES)
