@@ -44,17 +44,43 @@ def build_parser(description: str, *, config_help: str | None = None, overrides_
     return parser
 
 
-def parse_args(argv: Sequence[str], description: str) -> argparse.Namespace:
-    """Parse a plain job's command line; ``config`` is the default config when not given."""
-    args = build_parser(description).parse_args(list(argv))
+def add_rerun_flags(parser: argparse.ArgumentParser) -> None:
+    """``--restart-from`` and ``--accept-config-change``: what a rerun does with finished stages
+    whose config changed (:mod:`spin_ray.rerun_check`)."""
+    parser.add_argument("--restart-from", action="append", default=[], metavar="STAGE",
+                        help="redo STAGE (prepared, baseline_<name> or iter_<k>) and every stage built on it: "
+                             "they are moved aside to <stage>.stale-<time>, then made again with this config "
+                             "(repeatable)")
+    parser.add_argument("--accept-config-change", action="store_true",
+                        help="keep finished stages although keys they depend on changed; the change is recorded "
+                             "in <run_dir>/config_history.jsonl")
+
+
+def rerun_choice(args: argparse.Namespace):
+    """The :class:`~spin_ray.rerun_check.RerunChoice` of parsed :func:`add_rerun_flags` options."""
+    from spin_ray.rerun_check import RerunChoice
+
+    return RerunChoice(restart_from=tuple(args.restart_from), accept_config_change=args.accept_config_change)
+
+
+def parse_args(argv: Sequence[str], description: str, *, rerun_flags: bool = False) -> argparse.Namespace:
+    """Parse a plain job's command line; ``config`` is the default config when not given;
+    ``rerun_flags`` adds :func:`add_rerun_flags`."""
+    parser = build_parser(description)
+    if rerun_flags:
+        add_rerun_flags(parser)
+    args = parser.parse_args(list(argv))
     if args.config is None and DEFAULT_CONFIG.exists():
         args.config = DEFAULT_CONFIG
     return args
 
 
-def run_job(job: Callable[[Config], object], argv: Sequence[str] | None = None, description: str = "") -> int:
-    """Load the config from the command line and run ``job``; returns the exit code."""
-    args = parse_args(sys.argv[1:] if argv is None else argv, description)
+def run_job(job: Callable[..., object], argv: Sequence[str] | None = None, description: str = "", *,
+            rerun_flags: bool = False) -> int:
+    """Load the config from the command line and run ``job``; returns the exit code. With
+    ``rerun_flags`` the job takes ``--restart-from``/``--accept-config-change`` too and is
+    called as ``job(cfg, rerun_choice)``."""
+    args = parse_args(sys.argv[1:] if argv is None else argv, description, rerun_flags=rerun_flags)
 
     def main() -> int:
         cfg = load_config(args.config, args.overrides)
@@ -62,7 +88,10 @@ def run_job(job: Callable[[Config], object], argv: Sequence[str] | None = None, 
             print(dump_config(cfg), end="", flush=True)
             return 0
         with holding_run_dir(cfg):
-            job(cfg)
+            if rerun_flags:
+                job(cfg, rerun_choice(args))
+            else:
+                job(cfg)
         return 0
 
     return guarded(main, debug=args.debug, verbose=args.verbose)

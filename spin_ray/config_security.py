@@ -6,6 +6,12 @@
   a user part is refused, naming the key (the secret is never echoed). Credentials come from
   the storage's own chain: ``AWS_PROFILE``, an instance profile, IRSA or Pod Identity for
   ``s3://``; ``GOOGLE_APPLICATION_CREDENTIALS`` or the metadata server for ``gs://``.
+- **Names that become folders of the run directory stay inside it** (issue 19, item 6): the
+  names of ``eval.models`` (``eval/<model>/``), of ``eval.scorers`` (and the keys of
+  ``eval.scorer_paths`` / ``eval.scorer_options``) and of ``self_play.baselines``
+  (``baseline_<name>/``) must be plain names (:func:`check_plain_name`): letters, digits, ``_``,
+  ``.``, ``-``, starting with a letter or digit, without ``..``, so none can climb out (``../x``)
+  or reach another place (``a/b``). :meth:`spin_ray.rundir.RunDir.fs_path` refuses ``..`` again.
 - **HPSv2's ``model_name`` names an architecture open_clip ships**, never a hub download
   (``hf-hub:org/name``) or another schema (``local-dir:...``): it must be one of the names in
   open_clip's ``model_configs`` folder (what ``open_clip.list_models()`` lists, read without
@@ -43,9 +49,39 @@ def check_config_security(values: dict[str, Any]) -> None:
             raise ConfigError(f"{key}: {redact_url(text)} carries credentials in the URL; remove them and let "
                               f"the storage's own credential chain supply them (AWS_PROFILE, an instance "
                               f"profile, IRSA; GOOGLE_APPLICATION_CREDENTIALS), docs/SECURITY.md")
+    check_path_names(values)
     hps = values.get("eval", {}).get("scorer_options", {}).get("hpsv2", {})
     if "model_name" in hps:
         check_open_clip_name(hps["model_name"], "eval.scorer_options.hpsv2.model_name")
+
+
+NAMES_AS_KEYS = ("eval.models", "eval.scorer_paths", "eval.scorer_options")
+"""Config mappings whose keys name folders (or may): each key must be a plain name."""
+NAMES_AS_ITEMS = ("eval.scorers", "self_play.baselines")
+"""Config lists whose items name folders: each item must be a plain name."""
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def check_path_names(values: dict[str, Any]) -> None:
+    """Every name of :data:`NAMES_AS_KEYS` and :data:`NAMES_AS_ITEMS` is a plain name."""
+    for dotted in NAMES_AS_KEYS + NAMES_AS_ITEMS:
+        section, _, field_name = dotted.partition(".")
+        found = values.get(section, {}).get(field_name)
+        if isinstance(found, dict):
+            for name in found:
+                check_plain_name(name, f"{dotted}.{name}")
+        elif isinstance(found, list):
+            for index, name in enumerate(found):
+                check_plain_name(name, f"{dotted}[{index}]")
+
+
+def check_plain_name(name: Any, key: str) -> str:
+    """``name`` if it is safe as one folder name (letters, digits, ``_.-``, starting with a letter
+    or digit, no ``..``); else a :class:`ConfigError` naming ``key``."""
+    if not isinstance(name, str) or not _PLAIN_NAME.match(name) or ".." in name:
+        raise ConfigError(f"{key}: {name!r} becomes a folder name in the run directory; use letters, digits, "
+                          f"'_', '.', '-' only, starting with a letter or digit, without '..' (docs/SECURITY.md)")
+    return name
 
 
 def url_has_credentials(text: str) -> bool:

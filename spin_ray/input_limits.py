@@ -10,6 +10,7 @@ message naming the input and the limit; the callers turn it into a bad row or th
 - Regular files under a size cap: :func:`read_regular_file`, :func:`read_local_file`.
 - Images: :data:`MAX_IMAGE_PIXELS`, :func:`decode_image` (size checked from the header).
 - Parquet: :func:`declared_bytes` (footer sizes) and :func:`read_parquet_capped` (decoded sizes).
+- Text: :func:`decode_utf8` (a byte that is not UTF-8 is named by its line).
 """
 
 from __future__ import annotations
@@ -135,6 +136,17 @@ def _check_size(where: object, size: int | None, max_bytes: int, limit_key: str)
 
 
 # ----------------------------------------------------------------------------- images
+
+
+def decode_utf8(data: bytes, where: str) -> str:
+    """``data`` as UTF-8 text; otherwise an :class:`InputLimitError` naming ``where``, the line
+    (1-based) and the offset of the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise InputLimitError(f"{where}, line {line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+                              f"{err.start}); save the file as UTF-8") from None
 
 
 @contextlib.contextmanager

@@ -17,12 +17,15 @@ object (object stores never show half an object). A whole directory is published
 the files are uploaded first and DONE last. A writer killed midway leaves at most a hidden
 temporary sibling (``.<name>.*.tmp`` or ``.<name>.publish-*``), never a finished-looking file
 or directory.
+
+Integrity. A published directory's DONE (and the prepared table's) records every file's sha256
+and size; :meth:`RunDir.verify` and :meth:`RunDir.local_copy` (:mod:`spin_ray.rundir_copies`)
+check them before the files are used again (:mod:`spin_ray.integrity`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -40,29 +43,26 @@ from fsspec.implementations.local import LocalFileSystem
 
 from spin_ray.errors import StorageError, first_line
 from spin_ray.file_modes import make_tree_public
-from spin_ray.input_limits import InputLimitError, contained_local_path
+from spin_ray.input_limits import InputLimitError
+from spin_ray.integrity import MANIFEST_KEY, local_manifest, manifest_of, remember_verified
 from spin_ray.local_files import fsync_dir, fsync_tree, local_atomic_file
 from spin_ray.run_layout import RunLayout, iteration_number
-from spin_ray.user_cache import user_cache_dir
+from spin_ray.rundir_copies import LocalCopies
 
 logger = logging.getLogger(__name__)
 
 DONE = RunLayout.DONE
 
 
-def _download_target(destination: Path, remote_root: str, remote_path: str) -> Path:
-    """Where ``remote_path`` (found under ``remote_root``) goes inside ``destination``; refused
-    if the key is not under the root or resolves outside ``destination`` (issue 23, finding 3)."""
-    if not remote_path.startswith(remote_root.rstrip("/") + "/"):
-        raise InputLimitError(f"object key {remote_path!r}: not under {remote_root!r}; refusing to download it")
-    key = remote_path[len(remote_root):].lstrip("/")
-    return contained_local_path(destination, key, what=f"{remote_path}: object key")
+def _done_text(info: dict[str, Any]) -> str:
+    """The text of a DONE marker holding ``info`` (the same bytes wherever it is written)."""
+    return json.dumps(info, indent=2, sort_keys=True) + "\n"
 
 
 # ----------------------------------------------------------------------------- the run directory
 
 
-class RunDir(RunLayout):
+class RunDir(RunLayout, LocalCopies):
     """A run directory on local disk or behind an fsspec URL; see the module docstring. Its
     layout methods (``model(k)``, ``stage_metrics(stage)``, ...) come from :class:`RunLayout`.
 
@@ -95,8 +95,8 @@ class RunDir(RunLayout):
     def fs_path(self, rel: str = "") -> str:
         """Path of ``rel`` inside :attr:`fs` (no protocol), e.g. ``bucket/run/iter_1``."""
         parts = [p for p in rel.split("/") if p not in ("", ".")]
-        if ".." in parts or rel.startswith("/"):
-            raise ValueError(f"run dir path {rel!r}: must be relative to the run dir, without '..'")
+        if ".." in parts or rel.startswith("/"):  # a name from a config or an object key climbing out
+            raise InputLimitError(f"run dir path {rel!r}: must be relative to the run dir, without '..'")
         return "/".join([self.root.rstrip("/"), *parts]) if parts else self.root
 
     def path(self, *parts: str) -> str:
@@ -212,12 +212,25 @@ class RunDir(RunLayout):
         """Whether directory ``rel`` is complete (has its DONE marker)."""
         return self.exists(self.done_marker(rel))
 
-    def mark_done(self, rel: str, info: dict[str, Any]) -> None:
-        """Declare directory ``rel`` complete: write ``info`` as JSON to ``rel/DONE``.
+    CHECKSUMMED = (RunLayout.PREPARED,)
+    """Directories whose DONE records every file's sha256 and size when marked done (a published
+    model's DONE always does, :meth:`publish_dir`); a stage directory holds checkpoints and
+    caches, so it is not one of them (:mod:`spin_ray.integrity`)."""
+
+    def mark_done(self, rel: str, info: dict[str, Any], *, checksums: bool | None = None) -> None:
+        """Declare directory ``rel`` complete: write ``info`` as JSON to ``rel/DONE``; with
+        ``checksums`` (default: ``rel`` is one of :attr:`CHECKSUMMED`) ``info`` gains the
+        manifest of every file under ``rel``, each read back once to hash it.
 
         Call it only after everything else in ``rel`` is written.
         """
-        self.write_json_atomic(self.done_marker(rel), info)
+        if checksums if checksums is not None else rel in self.CHECKSUMMED:
+            names = [path[len(rel) + 1:] for path in self.find(rel) if path != self.done_marker(rel)]
+            info = {**info, MANIFEST_KEY: manifest_of(names, lambda name: self.open_read(f"{rel}/{name}"))}
+        text = _done_text(info)
+        self.write_text_atomic(self.done_marker(rel), text)
+        if MANIFEST_KEY in info:
+            remember_verified(self.path(rel), text)  # just hashed: no need to read it again in this process
 
     def read_done(self, rel: str) -> dict[str, Any]:
         """The info stored in ``rel/DONE``."""
@@ -290,11 +303,12 @@ class RunDir(RunLayout):
         if self.is_done(rel):
             raise FileExistsError(f"{self.path(rel)}: already published (has {DONE}); remove it to replace it")
         self.remove_incomplete(rel)
-        info = {**(info or {}), "publish_id": uuid.uuid4().hex}
+        info = {**(info or {}), MANIFEST_KEY: local_manifest(source), "publish_id": uuid.uuid4().hex}
         if self.is_local:
             self._publish_local(source, rel, info)
         else:
             self._publish_remote(source, rel, info)
+        remember_verified(self.path(rel), _done_text(info))  # hashed from the source just now
         return self.path(rel)
 
     def _publish_local(self, source: Path, rel: str, info: dict[str, Any]) -> None:
@@ -305,7 +319,7 @@ class RunDir(RunLayout):
             shutil.copytree(source, staging)
             make_tree_public(staging)  # copytree keeps the source's modes: a mkdtemp source is 0700
             with local_atomic_file(str(staging / DONE)) as f:
-                f.write((json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+                f.write(_done_text(info).encode("utf-8"))
             fsync_tree(staging)
             os.rename(staging, target)
         except BaseException:
@@ -318,56 +332,7 @@ class RunDir(RunLayout):
         if files:
             remote = [self.fs_path(f"{rel}/{p.relative_to(source).as_posix()}") for p in files]
             self.fs.put([str(p) for p in files], remote)
-        self.mark_done(rel, info)
-
-    def download_dir(self, rel: str, local_dir: str | os.PathLike[str]) -> Path:
-        """A local directory holding ``rel`` (e.g. a model for ``from_pretrained``).
-
-        Local run dir: ``rel`` itself, no copy. Object store: every file under ``rel`` is
-        downloaded into ``local_dir``, which is returned. An object key that would land
-        outside ``local_dir`` (``../`` in a key: an object store takes any string) is refused
-        with :class:`~spin_ray.input_limits.InputLimitError` before anything is downloaded.
-        """
-        if not self.exists(rel):
-            raise FileNotFoundError(f"{self.path(rel)}: no such directory")
-        if self.is_local:
-            return self.local_path(rel)
-        remote_root = self.fs_path(rel)
-        remote = [p for p in self.fs.find(remote_root) if not p.endswith("/")]
-        destination = Path(local_dir)
-        local = [str(_download_target(destination, remote_root, p)) for p in remote]
-        for path in local:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.fs.get(remote, local)
-        return destination
-
-    def local_copy(self, rel: str, cache_dir: str | os.PathLike[str] | None = None) -> str:
-        """A local directory with the contents of ``rel``, e.g. a model for ``from_pretrained``.
-
-        Local run dir: ``rel`` itself. Object store: a download under ``cache_dir`` (default
-        ``rundir_cache`` in this user's private cache folder, :mod:`spin_ray.user_cache`),
-        reused while its DONE equals the remote DONE (a
-        published directory's DONE carries a unique ``publish_id``); the download is staged
-        and renamed, so a killed download is never reused.
-        """
-        if self.is_local:
-            if not self.exists(rel):
-                raise FileNotFoundError(f"{self.path(rel)}: no such directory")
-            return str(self.local_path(rel))
-        cache_root = Path(cache_dir) if cache_dir is not None else user_cache_dir("rundir_cache")
-        target = cache_root / hashlib.sha256(self.path(rel).encode("utf-8")).hexdigest()[:20]
-        remote_done = self.read_text(self.done_marker(rel)) if self.is_done(rel) else None
-        cached_done = target / DONE
-        if remote_done is not None and cached_done.is_file() and cached_done.read_text("utf-8") == remote_done:
-            return str(target)
-        staging = cache_root / f".{target.name}.{uuid.uuid4().hex[:12]}"
-        try:
-            self.download_dir(rel, staging)
-            shutil.rmtree(target, ignore_errors=True)
-            os.rename(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return str(target)
+        self.mark_done(rel, info, checksums=False)  # the manifest is in info already
 
     def upload_file(self, local_file: str | os.PathLike[str], rel: str) -> None:
         """Copy one local file to ``rel``, atomically (temp file + rename, or one object upload)."""

@@ -23,7 +23,7 @@ from spin_ray.data.columns import check_columns
 from spin_ray.data.errors import SKIP_HINT, DataError, one_line
 from spin_ray.data.files import join_path, list_parquet_files, read_file_bytes, split_uri, uri_prefix
 from spin_ray.data.stats import ReadStats
-from spin_ray.input_limits import InputLimitError
+from spin_ray.input_limits import InputLimitError, decode_utf8
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 FOLDER_ROWS_PER_UNIT = 256
@@ -44,6 +44,9 @@ class ReadUnit:
     """Parquet row group; -1 for folder units."""
     records: tuple[dict[str, Any], ...] = ()
     """Folder units: the metadata records (see :func:`clean_folder_records`)."""
+    layout: str = ""
+    """``hf`` units: the columns' layout, ``pickapic`` or ``parquet`` (:func:`spin_ray.data.hf.layout_of`);
+    ``row_group`` is then the record batch in the Arrow file."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -65,6 +68,10 @@ def plan_read(cfg: DataConfig) -> tuple[list[ReadUnit], ReadStats]:
         raise DataError("data.path: empty; give a parquet file, directory, glob or image folder")
     if cfg.format == "folder":
         return _plan_folder(cfg), ReadStats()
+    if cfg.format == "hf":
+        from spin_ray.data.hf import plan_hf
+
+        return plan_hf(cfg), ReadStats()
     return _plan_parquet(cfg)
 
 
@@ -122,7 +129,7 @@ def read_folder_metadata(root: str, prompt_column: str, image_column: str) -> tu
         raise DataError(f"{root}: expected exactly one of {' or '.join(METADATA_FILES)} (found {found})")
     metadata_path = uri_prefix(root) + join_path(inner, present[0])
     try:
-        text = read_file_bytes(metadata_path).decode("utf-8")
+        text = decode_utf8(read_file_bytes(metadata_path), metadata_path)
     except (OSError, UnicodeDecodeError, InputLimitError) as err:
         raise DataError(f"{metadata_path}: cannot read the metadata ({err})") from err
     rows = _jsonl_rows(text) if present[0].endswith(".jsonl") else _csv_rows(text, metadata_path)

@@ -40,6 +40,7 @@ from spin_ray.errors import UserError
 from spin_ray.input_limits import (
     DEFAULT_MAX_PROMPT_FILE_BYTES,
     InputLimitError,
+    decode_utf8,
     open_regular_file,
     read_local_file,
     read_parquet_capped,
@@ -154,13 +155,12 @@ def _parquet_captions(path: Path, max_bytes: int) -> list[str]:
 
 
 def _read_text(path: Path, max_bytes: int) -> str:
-    """The UTF-8 text of the regular file ``path``, refused unread above ``max_bytes``."""
+    """The UTF-8 text of the regular file ``path``, refused unread above ``max_bytes``; text that
+    is not UTF-8 is refused naming the line (1-based) of its first bad byte."""
     try:
-        return read_local_file(path, max_bytes, LIMIT_KEY).decode("utf-8")
+        return decode_utf8(read_local_file(path, max_bytes, LIMIT_KEY), str(path))
     except InputLimitError as err:
         raise PromptSetError(str(err)) from None
-    except UnicodeDecodeError as err:
-        raise PromptSetError(f"{path}: not UTF-8 text ({err})") from None
 
 
 def _parti_prompts(path: Path, max_bytes: int) -> list[str]:

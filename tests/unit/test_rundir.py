@@ -46,7 +46,10 @@ def s3_options() -> Iterator[dict]:
         "secret": "testing",
         "client_kwargs": {"endpoint_url": f"http://{host}:{port}", "region_name": "eu-west-1"},
     }
-    s3fs.S3FileSystem(**options).mkdir(BUCKET)
+    try:
+        s3fs.S3FileSystem(**options).mkdir(BUCKET)
+    except FileExistsError:  # moto keeps its buckets per process: another module's server made it
+        pass
     yield options
     server.stop()
 
@@ -246,7 +249,10 @@ def test_publish_dir_refuses_to_overwrite_and_replaces_half_written(run_dir: Run
     run_dir.write_bytes_atomic("iter_1/model/stale-from-crash.bin", b"partial")  # no DONE
     run_dir.publish_dir(source, "iter_1/model")
     assert not run_dir.exists("iter_1/model/stale-from-crash.bin")
-    assert set(run_dir.read_done("iter_1/model")) == {"publish_id"}
+    done = run_dir.read_done("iter_1/model")
+    assert set(done) == {"publish_id", "files"}  # the manifest lists the new files, not the stale one
+    assert sorted(done["files"]) == ["model_index.json", "unet/config.json",
+                                     "unet/diffusion_pytorch_model.safetensors"]
     with pytest.raises(FileExistsError, match="already published"):
         run_dir.publish_dir(source, "iter_1/model")
     with pytest.raises(NotADirectoryError, match="is not a directory"):
