@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test test-gpu mutation lint unit install install-dev clean
+.PHONY: demo test test-gpu mutation lint unit install install-dev clean tensorboard
 
 # The demo needs the package and its runtime dependencies only; the dev extra (pytest, ruff, mutmut,
 # bandit, hypothesis, moto and s3fs for the object-store tests) is installed on top of them
@@ -49,6 +49,10 @@ test-gpu: $(DEV_STAMP)
 # other jobs share it), so not part of `make test` or CI.
 mutation: $(DEV_STAMP)
 	nice -n 19 $(BIN)/python scripts/mutation_report.py $(MUTATION_ARGS)
+
+# The default run's training curves, evaluation scores and image grid (tracking.backends: tensorboard).
+tensorboard: $(DEV_STAMP)
+	$(BIN)/tensorboard --logdir $(or $(RUN_DIR),runs/default)/logs --host 127.0.0.1
 
 clean:
 	rm -rf $(VENV) runs

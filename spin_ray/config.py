@@ -61,9 +61,11 @@ class DataConfig:
     path: str = ""
     """A parquet file, a directory of parquet files, a glob, or an image folder; local or
     ``s3://``/``gs://``. Empty with ``model.pretrained: toy`` means the embedded toy world."""
-    format: Literal["pickapic", "parquet", "folder"] = "pickapic"
+    format: Literal["pickapic", "parquet", "folder", "hf"] = "pickapic"
     """``pickapic``: Pick-a-Pic v2 schema (winner of jpg_0/jpg_1 by label_0); ``parquet``:
-    one image column and one caption column; ``folder``: images plus metadata.jsonl/csv."""
+    one image column and one caption column; ``folder``: images plus metadata.jsonl/csv;
+    ``hf``: a Hugging Face ``datasets`` folder (``save_to_disk``; a DatasetDict's ``train``
+    split) or a hub dataset id, with Pick-a-Pic's columns or an image and a caption column."""
     prompt_column: str = "caption"
     """Caption column (``parquet``) or metadata field (``folder``)."""
     image_column: str = "image"

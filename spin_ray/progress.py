@@ -15,6 +15,7 @@ import math
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -24,10 +25,27 @@ PIPED_EVERY_S = 30.0
 TERMINAL_EVERY_S = 1.0
 
 
-def write_progress(location: str, step: int, steps: int, loss: float | None) -> None:
-    """Rank 0's side: record ``step`` of ``steps`` (and the loss) in the file ``location``."""
+def write_progress(location: str, step: int, steps: int, loss: float | None, metrics: dict | None = None) -> None:
+    """Rank 0's side: record ``step`` of ``steps`` (and the loss) in the file ``location``;
+    ``metrics``: the whole report; the file keeps this process's last :data:`RECENT_REPORTS` of them
+    (``recent``), which the experiment trackers log while the stage runs (:mod:`spin_ray.tracking`)."""
     parent, name = location.rstrip("/").rsplit("/", 1)
-    RunDir(parent).write_json_atomic(name, {"step": step, "steps": steps, "loss": loss, "time": time.time()})
+    record: dict = {"step": step, "steps": steps, "loss": loss, "time": time.time()}
+    if metrics is not None:
+        recent = _RECENT.setdefault(location, deque(maxlen=RECENT_REPORTS))
+        recent.append({key: value for key, value in metrics.items() if _json_number(value)})
+        record["recent"] = list(recent)
+    RunDir(parent).write_json_atomic(name, record)
+
+
+RECENT_REPORTS = 100
+"""Reports the progress file keeps: a tracker polling it every few seconds sees every step."""
+_RECENT: dict[str, deque] = {}
+
+
+def _json_number(value: object) -> bool:
+    """A finite int or float (JSON has no NaN; a skipped step's loss is not a curve point)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@ Formats (``DataConfig.format``):
 - ``folder``: image files plus ``metadata.jsonl`` or ``metadata.csv`` at the root, with
   ``file_name`` (the Hugging Face imagefolder convention; ``image_column`` if the metadata
   has no ``file_name``) and the caption field ``prompt_column``.
+- ``hf``: a Hugging Face ``datasets`` dataset (a ``save_to_disk`` folder, a ``DatasetDict``'s
+  ``train`` split, or a hub id when online) with Pick-a-Pic's columns or ``image_column`` +
+  ``prompt_column``; its Arrow files are read one record batch per unit (:mod:`spin_ray.data.hf`).
 
 Output rows: ``prompt`` (string), ``image`` (binary, the encoded image bytes unchanged),
 ``row_id`` (int64): the row's index in the whole source, counted over the files in sorted

@@ -44,11 +44,12 @@ def read_unit(unit: ReadUnit, cfg: DataConfig, with_loser: bool = False) -> pa.T
                                     file_row_offset=unit.file_row_offset, first_row_id=unit.first_row_id,
                                     prompt_column=cfg.prompt_column, on_bad_row=cfg.on_bad_row,
                                     max_image_bytes=cfg.max_image_bytes)
+    layout = unit.layout or cfg.format  # hf: the columns' layout, found when the read was planned
     try:
-        table = _read_row_group(unit, cfg)
+        table = _read_hf_batch(unit, cfg) if cfg.format == "hf" else _read_row_group(unit, cfg)
     except (OSError, pa.ArrowException, InputLimitError) as err:  # over the cap: its rows are unreadable
         return _unreadable_group(unit, cfg, err)
-    if cfg.format == "pickapic":
+    if layout == "pickapic":
         return clean_pickapic_table(table, path=unit.path, file_row_offset=unit.file_row_offset,
                                     first_row_id=unit.first_row_id, prompt_column=cfg.prompt_column,
                                     on_bad_row=cfg.on_bad_row, max_image_bytes=cfg.max_image_bytes,
@@ -59,9 +60,19 @@ def read_unit(unit: ReadUnit, cfg: DataConfig, with_loser: bool = False) -> pa.T
                                   max_image_bytes=cfg.max_image_bytes)
 
 
+def _needed_columns(layout: str, cfg: DataConfig) -> list[str]:
+    return list(PICKAPIC_COLUMNS[1:]) + [cfg.prompt_column] if layout == "pickapic" else [cfg.prompt_column,
+                                                                                          cfg.image_column]
+
+
+def _read_hf_batch(unit: ReadUnit, cfg: DataConfig) -> pa.Table:
+    from spin_ray.data.hf import read_hf_batch
+
+    return read_hf_batch(unit.path, unit.row_group, _needed_columns(unit.layout, cfg), cfg.max_row_group_bytes)
+
+
 def _read_row_group(unit: ReadUnit, cfg: DataConfig) -> pa.Table:
-    columns = (list(PICKAPIC_COLUMNS[1:]) + [cfg.prompt_column] if cfg.format == "pickapic"
-               else [cfg.prompt_column, cfg.image_column])
+    columns = _needed_columns(cfg.format, cfg)
     filesystem, path = split_uri(unit.path)
     with filesystem.open_input_file(path) as handle:
         return read_parquet_capped(pq.ParquetFile(handle), columns, cfg.max_row_group_bytes,

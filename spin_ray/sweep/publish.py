@@ -8,6 +8,8 @@ way; its metrics carry the winning trial under ``sweep``.
 from __future__ import annotations
 
 from spin_ray.config import dump_config, with_overrides
+from spin_ray.hub_upload import upload_stage_model
+from spin_ray.model_card import publish_model_card
 from spin_ray.sweep.context import SweepContext
 from spin_ray.sweep.trials import TrialRow
 
@@ -30,4 +32,6 @@ def publish_winner(shared: SweepContext, k: int, winner: TrialRow) -> None:
                         "metric": shared.sweep.metric, "source": winner.model}
     rundir.write_json_atomic(rundir.stage_metrics(rel), metrics)
     rundir.write_text_atomic(rundir.stage_config(rel), dump_config(with_overrides(shared.cfg, winner.params)))
+    publish_model_card(shared.cfg, rundir, rel)
+    upload_stage_model(shared.cfg, rundir, rel)
     rundir.mark_done(rel, {"source": winner.model, "trial": winner.trial_id, "score": winner.score})
