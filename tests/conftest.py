@@ -52,7 +52,9 @@ def no_ray(monkeypatch):
     """``self_play.run`` without Ray or a model: Ray's start is a no-op and theta_0 is the
     placeholder ``/models/base`` (tests replace the stages they exercise themselves)."""
     import spin_ray.ray_session
+    import spin_ray.self_play
     from spin_ray import stages
 
-    monkeypatch.setattr(spin_ray.ray_session, "ensure_ray", lambda *args, **kwargs: False)
+    monkeypatch.setattr(spin_ray.ray_session, "ensure_ray", lambda *args, **kwargs: True)  # a private instance
+    monkeypatch.setattr(spin_ray.self_play, "check_cluster", lambda cfg, private: "no Ray in this test")
     monkeypatch.setattr(stages, "resolve_base_model", lambda cfg, rundir: "/models/base")
