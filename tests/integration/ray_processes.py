@@ -99,15 +99,22 @@ def wait_for_job_server(address: str, head: subprocess.Popen, head_log: Path, ti
         time.sleep(2)
 
 
+TRANSIENT_SUBMIT_ERRORS = ("No available agent", "RemoteDisconnected")
+
+
 def submit_job(address: str, entrypoint: list[str], env: dict[str, str], *, working_dir: Path,
                timeout: float = 900) -> subprocess.CompletedProcess:
-    """``ray job submit`` and wait; retried while the node's job agent has not registered yet."""
+    """``ray job submit`` and wait; retried while the submission is not taken
+    (:data:`TRANSIENT_SUBMIT_ERRORS`)."""
     submit = [str(RAY_BIN), "job", "submit", f"--address={address}", f"--working-dir={working_dir}", "--",
               *entrypoint]
     deadline = time.time() + 240
     while True:  # the node's job agent registers some seconds after the job server answers
         result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=timeout)
-        if result.returncode == 0 or "No available agent" not in result.stderr + result.stdout:
+        output = result.stderr + result.stdout
+        # Not taken yet: the node's job agent has not registered, or (a loaded machine) the job
+        # server dropped the submission's connection before answering.
+        if result.returncode == 0 or not any(cause in output for cause in TRANSIENT_SUBMIT_ERRORS):
             return result
         assert time.time() < deadline, result.stderr[-2000:]
         time.sleep(3)
