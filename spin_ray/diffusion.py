@@ -248,6 +248,9 @@ def _check_pipeline_dir(root: Path) -> None:
         entry = index.get(name)
         if not entry or entry[0] is None or not (root / name).is_dir():
             raise ModelDirError(f"{root}: missing component '{name}/' (expected {expected})")
+    from spin_ray.model_files import check_safetensors_only  # pickle weights are never loaded
+
+    check_safetensors_only(root)
 
 
 # ----------------------------------------------------------------------------- images and prompts
@@ -434,6 +437,7 @@ def sample_latents(
     guidance_scale: float,
     eta: float = 0.0,
     latent_shape: tuple[int, int, int],
+    on_step=None,
 ) -> torch.Tensor:
     """DDIM sampling with classifier-free guidance -> latents (B, C, h, w) float32, not decoded.
 
@@ -448,6 +452,11 @@ def sample_latents(
     Runs under ``no_grad`` rather than ``inference_mode``: the latents feed the trainer's
     autograd graph, which rejects inference tensors. A private scheduler copy keeps the
     caller's scheduler state untouched, so concurrent calls cannot interfere.
+
+    ``on_step(index, t, t_prev, latents, cond_pred)``, if given, sees every step before it is
+    taken: the state x_t (B, C, h, w) float32 at the sampler's ``index``-th timestep t, the
+    previous timestep t_prev that the step goes to (negative at the last step) and the
+    conditional prediction (B, C, h, w) float32 (:mod:`spin_ray.trajectory` records one step per row).
     """
     batch = prompt_embeds.shape[0]
     if len(seeds) != batch:
@@ -463,13 +472,16 @@ def sample_latents(
     sampler.set_timesteps(num_inference_steps, device=device)
     generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
     latents = _row_normal(generators, latent_shape, device) * sampler.init_noise_sigma
-    for t in sampler.timesteps:
+    for index, t in enumerate(sampler.timesteps):
         model_input = torch.cat([latents, latents]) if use_guidance else latents
         model_input = sampler.scale_model_input(model_input, t).to(dtype)
         prediction = unet(model_input, t, encoder_hidden_states=cond).sample.float()
         if use_guidance:
             uncond_pred, cond_pred = prediction.chunk(2)
             prediction = uncond_pred + guidance_scale * (cond_pred - uncond_pred)
+        if on_step is not None:
+            on_step(index, int(t), int(t) - sampler.config.num_train_timesteps // sampler.num_inference_steps,
+                    latents, cond_pred if use_guidance else prediction)
         step_noise = _row_normal(generators, latent_shape, device) if eta > 0 else None
         latents = sampler.step(prediction, t, latents, eta=eta, variance_noise=step_noise).prev_sample
     return latents

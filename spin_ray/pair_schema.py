@@ -41,6 +41,8 @@ class Column:
     """In the rows a SPIN trainer receives."""
     sft: bool = False
     """In the rows an SFT trainer receives."""
+    reverse: bool = False
+    """Generated, and in a SPIN trainer's rows, only with ``loss.synthetic_states: reverse`` (eq. C.5)."""
 
 
 COLUMNS: tuple[Column, ...] = (
@@ -62,6 +64,13 @@ COLUMNS: tuple[Column, ...] = (
            "the trainer computes the reference online", generated=True, spin=True),
     Column("ref_mse_syn", "float32", "()", "the same on x0'_i", generated=True, spin=True),
     Column("generated_at", "float64", "()", "unix time the batch was generated", generated=True),
+    Column("latents_syn_t", "float32", "(C, h, w)", "eq. C.5: the state x'_t at one step of the opponent's own "
+           "DDIM trajectory, drawn per sample (trajectory.py)", reverse=True),
+    Column("eps_syn_target", "float32", "(C, h, w)", "eq. C.5: the opponent's conditional noise prediction at "
+           "latents_syn_t, the synthetic branch's target", reverse=True),
+    Column("timestep_syn", "int64", "()", "eq. C.5: the sampler's timestep t of latents_syn_t", reverse=True),
+    Column("timestep_syn_prev", "int64", "()", "eq. C.5: the sampler's previous timestep t_prev (the step "
+           "goes t -> t_prev; negative at the last step), for h_{t,t_prev}", reverse=True),
 )
 
 BY_NAME: dict[str, Column] = {column.name: column for column in COLUMNS}
@@ -72,6 +81,24 @@ SFT_COLUMNS: list[str] = [column.name for column in COLUMNS if column.sft]
 """The columns of an SFT trainer's rows: the real half of a pair."""
 GENERATED_COLUMNS: list[str] = [column.name for column in COLUMNS if column.generated]
 """What the opponent generator adds to its input rows."""
+REVERSE_COLUMNS: list[str] = [column.name for column in COLUMNS if column.reverse]
+"""What the generator adds, and a SPIN trainer receives, with ``loss.synthetic_states: reverse``."""
+
+
+def pair_columns(synthetic_states: str = "forward") -> list[str]:
+    """A SPIN trainer's columns: :data:`PAIR_COLUMNS`, plus :data:`REVERSE_COLUMNS` with ``reverse``."""
+    return PAIR_COLUMNS + (REVERSE_COLUMNS if _reverse(synthetic_states) else [])
+
+
+def generated_columns(synthetic_states: str = "forward") -> list[str]:
+    """What the opponent generator adds: :data:`GENERATED_COLUMNS`, plus :data:`REVERSE_COLUMNS` with ``reverse``."""
+    return GENERATED_COLUMNS + (REVERSE_COLUMNS if _reverse(synthetic_states) else [])
+
+
+def _reverse(synthetic_states: str) -> bool:
+    if synthetic_states not in ("forward", "reverse"):
+        raise ValueError(f"loss.synthetic_states: expected forward or reverse, got {synthetic_states!r}")
+    return synthetic_states == "reverse"
 
 
 def dtype_of(name: str) -> str:
@@ -84,7 +111,8 @@ class PairBatch:
     """A batch of (real, synthetic) pairs as the trainer uses it: the trainer's columns
     (:data:`PAIR_COLUMNS`) but ``sample_id``, as tensors with batch dimension B first.
 
-    ``ref_mse_real``/``ref_mse_syn`` are None when the reference is computed online.
+    ``ref_mse_real``/``ref_mse_syn`` are None when the reference is computed online; the
+    :data:`REVERSE_COLUMNS` are None unless the rows carry them (``loss.synthetic_states: reverse``).
     """
 
     latents_real: torch.Tensor
@@ -93,6 +121,10 @@ class PairBatch:
     noise_seed: torch.Tensor
     ref_mse_real: torch.Tensor | None = None
     ref_mse_syn: torch.Tensor | None = None
+    latents_syn_t: torch.Tensor | None = None
+    eps_syn_target: torch.Tensor | None = None
+    timestep_syn: torch.Tensor | None = None
+    timestep_syn_prev: torch.Tensor | None = None
 
     @classmethod
     def from_columns(cls, columns: dict[str, Any]) -> PairBatch:
@@ -101,13 +133,14 @@ class PairBatch:
         values = {field.name: columns.get(field.name) for field in fields(cls)}
         if values["latents_syn"] is None:
             values["latents_syn"] = columns["latents_real"]
-        missing = [name for name, value in values.items() if value is None and name not in _OPTIONAL]
+        missing = [name for name, value in values.items() if value is None and name not in _MAY_BE_ABSENT]
         if missing:
             raise KeyError(f"pair batch: no column {missing[0]!r}; columns are {sorted(columns)}")
         return cls(**values)
 
 
 _OPTIONAL = ("ref_mse_real", "ref_mse_syn")
+_MAY_BE_ABSENT = (*_OPTIONAL, *REVERSE_COLUMNS)
 
 
 def pair_batch(columns: dict[str, Any], *, online_reference: bool) -> PairBatch:

@@ -23,7 +23,7 @@ import numpy as np
 
 from spin_ray.generation import NOISE_STREAM, GeneratorSpec, OpponentGenerator, derive_seed
 from spin_ray.opponents import cached_files
-from spin_ray.pair_schema import PAIR_COLUMNS, SFT_COLUMNS, dtype_of
+from spin_ray.pair_schema import PAIR_COLUMNS, SFT_COLUMNS, dtype_of, pair_columns
 
 REPEAT_SHIFT = 32  # sample_id = repeat << 32 | row_id
 
@@ -233,7 +233,8 @@ def spin_pairs(samples, spec: GeneratorSpec, *, n_samples: int, batch_size: int,
     if cached is None:
         cached = cached_files(spec.opponents_dir) if spec.opponents_dir else ([], None)
     files, done_ids = cached
-    cached = ray.data.read_parquet(files).select_columns(PAIR_COLUMNS) if files else None
+    columns = pair_columns(spec.synthetic_states)  # with the C.5 states when loss.synthetic_states=reverse
+    cached = ray.data.read_parquet(files).select_columns(columns) if files else None
     if cached is not None and len(done_ids) >= n_samples:
         return cached
     if cached is not None:
@@ -248,7 +249,7 @@ def spin_pairs(samples, spec: GeneratorSpec, *, n_samples: int, batch_size: int,
         batch_size=batch_size,
         num_gpus=gpus_per_actor or None,
         resources=resources or None,
-    ).select_columns(PAIR_COLUMNS)
+    ).select_columns(columns)
     return fresh if cached is None else cached.union(fresh)
 
 

@@ -5,7 +5,7 @@ ask for. Plain functions of the config (no Ray, no I/O), so they are tested dire
 
 from __future__ import annotations
 
-from spin_ray.config import Config, per_iteration
+from spin_ray.config import Config, ConfigError, per_iteration
 from spin_ray.rundir import RunDir
 
 
@@ -47,6 +47,7 @@ def baseline_plan(cfg: Config, name: str, base_model: str):
     chosen = {key: getattr(schedule, key) for key in ("lr", "batch_size", "gradient_accumulation_steps",
                                                       "warmup_steps", "lr_schedule")}
     plan = replace(plan, **{key: value for key, value in chosen.items() if value is not None})
+    plan = replace(plan, synthetic_states="forward")  # no opponent trajectory: eq. C.5 is SPIN's alone
     if name == "dpo":
         plan = replace(plan, beta=float(schedule.beta) if schedule.beta is not None else plan.beta,
                        online_reference=True, shared_noise=True, timestep_weighting="none")
@@ -67,9 +68,21 @@ def peak_lr(lr: float, warmup_steps: int, steps: int) -> float:
 
 
 
+def check_synthetic_states(cfg: Config) -> None:
+    """``loss.synthetic_states: reverse`` with a config it cannot work with: a one-line
+    :class:`ConfigError` naming the keys. h^2 on the sampler's (t, t_prev) (``loss.timestep_weighting:
+    h2``) is the deterministic DDIM step's coefficient, so it needs ``generation.eta: 0``."""
+    if cfg.loss.synthetic_states != "reverse":
+        return
+    if cfg.loss.timestep_weighting == "h2" and cfg.generation.eta != 0:
+        raise ConfigError(f"loss.synthetic_states=reverse with loss.timestep_weighting=h2 needs generation.eta=0 "
+                          f"(eq. C.5's h_t is the deterministic DDIM step's); got generation.eta={cfg.generation.eta}")
+
+
 def train_plan(cfg: Config, model_path: str, iteration: int, loss_type: str, steps: int | None = None):
     from spin_ray.trainer import TrainPlan
 
+    check_synthetic_states(cfg)
     t = cfg.train
     steps = int(per_iteration(t.steps, iteration)) if steps is None else steps
     return TrainPlan(
@@ -83,6 +96,8 @@ def train_plan(cfg: Config, model_path: str, iteration: int, loss_type: str, ste
         checkpoint_every=t.checkpoint_every, log_every=t.log_every, max_nonfinite_steps=t.max_nonfinite_steps,
         shared_noise=cfg.loss.shared_noise, timestep_weighting=cfg.loss.timestep_weighting,
         seed=cfg.seed + 1000 * iteration, compile=t.compile,
+        synthetic_states=cfg.loss.synthetic_states if loss_type == "spin" else "forward",
+        sampler_steps=cfg.generation.num_inference_steps,
     )
 
 
@@ -96,7 +111,7 @@ def generator_spec(cfg: Config, rundir: RunDir, opponents_rel: str, model_path: 
         num_inference_steps=g.num_inference_steps, guidance_scale=g.guidance_scale, eta=g.eta,
         precompute_reference=cfg.loss.reference == "precomputed", shared_noise=cfg.loss.shared_noise,
         opponents_dir=rundir.path(opponents_rel), mixed_precision=cfg.train.mixed_precision,
-        compile=g.compile,
+        compile=g.compile, reference_compile=cfg.train.compile, synthetic_states=cfg.loss.synthetic_states,
     )
 
 

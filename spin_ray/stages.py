@@ -279,6 +279,7 @@ def run_stage(cfg: Config, rundir: RunDir, rel: str, *, model_path: str, base_mo
         "n_samples": n_samples,
         "data_order": describe_stretch(prepared.n_rows, offset, n_samples - sum(len(m.sample_ids) for m in mixed)),
         "seconds": time.time() - started,
+        "first_logit_abs": next((h["first_logit_abs"] for h in history if "first_logit_abs" in h), None),
         "history": history, "selection": chosen,
     })
     publish_model_card(cfg, rundir, rel)  # after the model's DONE: the card is not in its checksums

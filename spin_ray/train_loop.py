@@ -30,6 +30,7 @@ from typing import Protocol
 
 import torch
 
+from spin_ray.numerics import load_models  # noqa: F401  (re-exported: the trainer's models, theta and theta_k)
 from spin_ray.pair_schema import pair_batch
 
 STATE_FILE = "trainer_state.json"
@@ -75,6 +76,11 @@ class TrainPlan:
     """Local diffusers pipeline dir of the online reference (``online_reference``) when it is
     not ``init_model_path``: ``self_play.opponent: initial`` plays theta_0 while theta starts
     from theta_{k-1}. None: ``init_model_path``."""
+    synthetic_states: str = "forward"
+    """``loss.synthetic_states``: ``reverse`` trains the synthetic branch on theta_k's own sampling
+    states (eq. C.5; the rows carry :data:`~spin_ray.pair_schema.REVERSE_COLUMNS`)."""
+    sampler_steps: int | None = None
+    """``generation.num_inference_steps``: the sampler's steps, for eq. C.5's h^2 weight."""
 
 
 # ----------------------------------------------------------------------------- state
@@ -115,6 +121,9 @@ class TrainState:
     nonfinite_total: int = 0
     first_batch_time: float | None = None
     """Unix time the first batch arrived (of the first run: a resumed run keeps it)."""
+    first_logit_abs: float | None = None
+    """mean |logit| of the first optimizer step (theta == theta_k there, so 0 up to the numerics'
+    rounding, :mod:`spin_ray.numerics`); None for losses without logits (SFT)."""
     history: list[dict] = field(default_factory=list)
     """Every report's metrics, in order."""
     window: MetricWindow = field(default_factory=MetricWindow, repr=False, compare=False)
@@ -125,13 +134,16 @@ class TrainState:
                   "nonfinite_total": self.nonfinite_total}
         if self.first_batch_time is not None:
             record["first_batch_time"] = self.first_batch_time
+        if self.first_logit_abs is not None:
+            record["first_logit_abs"] = self.first_logit_abs
         return record
 
     @classmethod
     def from_json(cls, record: dict, history: list[dict] | None = None) -> TrainState:
         return cls(step=int(record.get("step", 0)), nonfinite_in_a_row=int(record.get("nonfinite_in_a_row", 0)),
                    nonfinite_total=int(record.get("nonfinite_total", 0)),
-                   first_batch_time=record.get("first_batch_time"), history=list(history or []))
+                   first_batch_time=record.get("first_batch_time"), first_logit_abs=record.get("first_logit_abs"),
+                   history=list(history or []))
 
 
 @dataclass
@@ -179,12 +191,17 @@ class MicroBatchRunner(Protocol):
 
 
 class StepRunner:
-    """Forward and backward of one micro-batch, with autocast and accumulation scaling."""
+    """Forward and backward of one micro-batch, with autocast and accumulation scaling.
+
+    The autocast is :func:`spin_ray.numerics.training_numerics`'s, the one the generation actor
+    computes theta_k's precomputed errors under, so that theta == theta_k gives logit 0."""
 
     def __init__(self, plan: TrainPlan, model, ref_unet, scheduler, device: torch.device):
+        from spin_ray.numerics import training_numerics
+
         self.plan, self.model, self.ref_unet, self.scheduler = plan, model, ref_unet, scheduler
-        use_bf16 = plan.mixed_precision == "bf16" or (plan.mixed_precision == "auto" and device.type == "cuda")
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        self.numerics = training_numerics(plan.mixed_precision, device, compile=plan.compile)
+        self.autocast = self.numerics.autocast()
 
     def forward_backward(self, columns: dict[str, torch.Tensor]) -> dict[str, float]:
         """``columns``: pair rows as the data shard yields them
@@ -201,7 +218,8 @@ class StepRunner:
                 out = spin_batch_loss(
                     self.model, self.scheduler, batch, beta=self.plan.beta,
                     shared_noise=self.plan.shared_noise, timestep_weighting=self.plan.timestep_weighting,
-                    ref_unet=self.ref_unet,
+                    ref_unet=self.ref_unet, synthetic_states=self.plan.synthetic_states,
+                    sampler_steps=self.plan.sampler_steps,
                 )
         # Each micro-batch's loss is a batch mean: dividing by the accumulation count makes the
         # summed .grad that of one batch accumulation times as large.
@@ -285,6 +303,7 @@ def run_steps(plan: TrainPlan, state: TrainState, batches: Iterable[dict], runne
     skip = state.step * plan.gradient_accumulation_steps
     micro = 0
     loss_finite = True
+    step_logit_abs: list[float] = []
     state.window = MetricWindow()  # samples_per_s counts from this call, as a restart's does
     device = _device_of(optim.model)
     for columns in batches:
@@ -297,6 +316,8 @@ def run_steps(plan: TrainPlan, state: TrainState, batches: Iterable[dict], runne
             continue
         metrics = runner.forward_backward(columns)
         state.window.add(metrics, plan.batch_size)
+        if "logits_abs_mean" in metrics:
+            step_logit_abs.append(metrics["logits_abs_mean"])
         loss_finite = loss_finite and math.isfinite(metrics["loss"])
         micro += 1
         if micro % plan.gradient_accumulation_steps:
@@ -304,6 +325,9 @@ def run_steps(plan: TrainPlan, state: TrainState, batches: Iterable[dict], runne
         applied = optimizer_step(optim, plan.max_grad_norm, loss_finite=on_every_rank(loss_finite, device))
         loss_finite = True
         state.step += 1
+        if state.step == 1 and step_logit_abs:
+            state.first_logit_abs = sum(step_logit_abs) / len(step_logit_abs)
+        step_logit_abs = []
         count_nonfinite(state, applied, plan.max_nonfinite_steps, rank)
         _maybe_report(plan, state, optim, report, rank)
     return state
@@ -324,6 +348,8 @@ def _maybe_report(plan: TrainPlan, state: TrainState, optim: Optimization, repor
     metrics = {"step": step, "lr": optim.lr_scheduler.get_last_lr()[0], "time": time.time(),
                "first_batch_time": state.first_batch_time, "nonfinite_total": state.nonfinite_total,
                **state.window.pop()}
+    if state.first_logit_abs is not None:
+        metrics["first_logit_abs"] = state.first_logit_abs
     state.history.append(metrics)  # before the checkpoint, whose metrics.jsonl ends with this report
     if rank == 0:
         print(json.dumps({"train": {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}}),
@@ -359,28 +385,3 @@ def load_checkpoint(path: Path, optim: Optimization) -> TrainState:
 def read_history(path: Path) -> list[dict]:
     """The per-report metrics recorded in the checkpoint in ``path``."""
     return [json.loads(line) for line in (path / HISTORY_FILE).read_text().splitlines() if line]
-
-
-def load_models(plan: TrainPlan, device: torch.device):
-    """theta (float32 master weights, train mode), theta_k when the reference is online (for
-    ``dpo`` the fixed theta_0, which is also theta's starting point), and
-    the scheduler, on ``device`` through the fast path (:mod:`spin_ray.fast_path`): SDPA
-    attention, channels_last on CUDA, optional ``torch.compile`` (``train.compile``; under DDP
-    the in-place compile gives up overlapping the gradient all-reduce with the backward pass).
-    theta_k gets bf16 weights on CUDA with mixed precision, as the generation actors use."""
-    from diffusers import DDIMScheduler
-
-    from spin_ray.diffusion import load_unet
-    from spin_ray.fast_path import prepare_unet_for_inference, prepare_unet_for_training
-
-    unet = prepare_unet_for_training(load_unet(plan.init_model_path, local_files_only=True), device,
-                                     compile=plan.compile, gradient_checkpointing=plan.gradient_checkpointing)
-    ref_unet = None
-    if plan.loss_type in ("spin", "dpo") and plan.online_reference:
-        bf16 = device.type == "cuda" and plan.mixed_precision != "no"
-        reference = plan.reference_model_path or plan.init_model_path
-        ref_unet = prepare_unet_for_inference(load_unet(reference, local_files_only=True), device,
-                                              dtype=torch.bfloat16 if bf16 else torch.float32, compile=plan.compile)
-    scheduler = DDIMScheduler.from_pretrained(plan.init_model_path, subfolder="scheduler")
-    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    return unet, ref_unet, scheduler

@@ -104,3 +104,18 @@ def test_decode_utf8_names_line_and_offset():
         decode_utf8(b"a\nb\xff\nc", "f")
     with pytest.raises(InputLimitError, match="line 1:"):
         decode_utf8(b"\xc3", "f")  # cut off in the middle of a character
+
+
+def test_the_model_loader_refuses_a_pipeline_whose_unet_is_pickle_only(tiny_pipeline_dir, tmp_path):
+    import shutil
+
+    from spin_ray.diffusion import _check_pipeline_dir
+    from spin_ray.errors import ModelDirError
+
+    root = tmp_path / "pipeline"
+    shutil.copytree(tiny_pipeline_dir, root)
+    _check_pipeline_dir(root)  # the safetensors original passes
+    weights = next((root / "unet").glob("*.safetensors"))
+    weights.rename(weights.with_suffix(".bin"))
+    with pytest.raises(ModelDirError, match="weights only as pickle"):
+        _check_pipeline_dir(root)

@@ -142,11 +142,12 @@ def test_metrics_returns_floats_for_every_field():
     metrics = out.metrics()
     assert set(metrics) == {
         "loss", "implicit_acc", "reward_real", "reward_syn", "margin", "policy_mse_real",
-        "policy_mse_syn", "ref_mse_real", "ref_mse_syn", "logits_mean",
+        "policy_mse_syn", "ref_mse_real", "ref_mse_syn", "logits_mean", "logits_abs_mean",
     }
     assert all(type(v) is float for v in metrics.values())
     # logit = -1 * ((0.1 - 0.2) - 0) = 0.1
     assert metrics["loss"] == pytest.approx(softplus(-0.1), rel=1e-6)
+    assert metrics["logits_abs_mean"] == pytest.approx(0.1, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -251,6 +252,7 @@ def test_diffusion_dpo_and_spin_both_match_the_dpo_formula_by_hand():
         "reward_lose": sum(reward_lose) / 5,
         "margin": sum(logits) / 5,
         "logits_mean": sum(logits) / 5,
+        "logits_abs_mean": sum(abs(x) for x in logits) / 5,
         "policy_mse_win": win.double().mean().item(),
         "policy_mse_lose": lose.double().mean().item(),
         "ref_mse_win": ref_win.double().mean().item(),

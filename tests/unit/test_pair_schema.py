@@ -12,10 +12,13 @@ from spin_ray.pair_schema import (
     COLUMNS,
     GENERATED_COLUMNS,
     PAIR_COLUMNS,
+    REVERSE_COLUMNS,
     SFT_COLUMNS,
     PairBatch,
     dtype_of,
+    generated_columns,
     pair_batch,
+    pair_columns,
 )
 
 
@@ -30,14 +33,23 @@ def test_the_column_lists_are_those_of_the_opponent_files_earlier_runs_wrote():
         "row_id": "int64", "prompt": "str", "sample_id": "int64", "noise_seed": "int64",
         "prompt_embeds": "float16", "latents_real": "float32", "latents_syn": "float32",
         "ref_mse_real": "float32", "ref_mse_syn": "float32", "generated_at": "float64",
-        "latents_lose": "float32"}  # the prepared table's loser latent (DPO baseline), in no opponent file
+        "latents_lose": "float32",  # the prepared table's loser latent (DPO baseline), in no opponent file
+        # eq. C.5's columns, only in opponent files of loss.synthetic_states=reverse
+        "latents_syn_t": "float32", "eps_syn_target": "float32", "timestep_syn": "int64", "timestep_syn_prev": "int64"}
+    assert REVERSE_COLUMNS == ["latents_syn_t", "eps_syn_target", "timestep_syn", "timestep_syn_prev"]
+    assert pair_columns("reverse") == PAIR_COLUMNS + REVERSE_COLUMNS and pair_columns("forward") == PAIR_COLUMNS
+    assert generated_columns("reverse") == GENERATED_COLUMNS + REVERSE_COLUMNS
+    with pytest.raises(ValueError, match="loss.synthetic_states"):
+        pair_columns("backward")
     assert len({c.name for c in COLUMNS}) == len(COLUMNS)
     assert set(SFT_COLUMNS) <= set(PAIR_COLUMNS) and "prompt" not in PAIR_COLUMNS
 
 
 def test_pair_batch_has_a_field_for_every_trainer_column_but_the_sample_id():
     """(The fields keep their own order: callers build PairBatch positionally.)"""
-    assert {f.name for f in fields(PairBatch)} == set(PAIR_COLUMNS) - {"sample_id"}
+    assert {f.name for f in fields(PairBatch)} == set(pair_columns("reverse")) - {"sample_id"}
+    forward = PairBatch.from_columns({name: torch.zeros(1) for name in PAIR_COLUMNS})
+    assert forward.latents_syn_t is None and forward.timestep_syn_prev is None  # forward rows have no C.5 states
 
 
 def rows(count: int = 2) -> dict[str, torch.Tensor]:

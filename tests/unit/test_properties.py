@@ -164,7 +164,10 @@ def test_loss_is_monotone_in_each_error_in_the_right_direction(inputs, name, dat
 # ----------------------------------------------------------------------------- config round trip
 
 NAME = st.text(max_size=12)
-"""Any string: run dirs, paths, prompts, scorer names and mapping keys (YAML must quote and escape)."""
+"""Any string: run dirs, paths and prompts (YAML must quote and escape)."""
+PLAIN_NAME = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,10}", fullmatch=True).filter(lambda name: ".." not in name)
+"""Names that become folders (scorers, evaluated models): config_security allows plain names only."""
+FOLDER_NAMED = ("eval.models", "eval.scorers", "eval.scorer_paths", "eval.scorer_options")
 
 
 def _overrides(iterations: int) -> dict[str, st.SearchStrategy[Any]]:
@@ -185,6 +188,10 @@ def _overrides(iterations: int) -> dict[str, st.SearchStrategy[Any]]:
         "model.pretrained": st.just("toy") | NAME,
         "data.max_bad_fraction": st.floats(min_value=0.0, max_value=1.0),
         "seed": st.integers(min_value=0, max_value=2**32 - 1),
+        # checkpoint selection needs selection prompts (any string here): left at its default
+        "train.eval_every": st.just(0), "train.keep": st.just("last"),
+        "baselines.sft.eval_every": st.none() | st.just(0), "baselines.dpo.eval_every": st.none() | st.just(0),
+        "baselines.sft.keep": st.none() | st.just("last"), "baselines.dpo.keep": st.none() | st.just("last"),
     }
 
 
@@ -201,10 +208,12 @@ def strategy_for(tp: Any, key: str, overrides: dict[str, st.SearchStrategy[Any]]
         return st.sampled_from(typing.get_args(tp))
     if origin is list:
         (item,) = typing.get_args(tp)
-        return st.lists(strategy_for(item, f"{key}[]", overrides), max_size=3)
+        items = PLAIN_NAME if key in FOLDER_NAMED else strategy_for(item, f"{key}[]", overrides)
+        return st.lists(items, max_size=3)
     if origin is dict:
         _, value = typing.get_args(tp)
-        return st.dictionaries(NAME, strategy_for(value, f"{key}.*", overrides), max_size=3)
+        keys = PLAIN_NAME if key in FOLDER_NAMED else NAME
+        return st.dictionaries(keys, strategy_for(value, f"{key}.*", overrides), max_size=3)
     if dataclasses.is_dataclass(tp):
         return section(tp, key, overrides)
     if tp is bool:
