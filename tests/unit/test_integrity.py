@@ -9,11 +9,10 @@ stage. Expected digests are computed here with hashlib, independently of spin_ra
 from __future__ import annotations
 
 import hashlib
-import uuid
 from pathlib import Path
 
 import pytest
-from test_rundir import BUCKET, make_model_dir, s3_options  # noqa: F401  (s3_options: a fixture storage uses)
+from test_rundir import BUCKET, make_model_dir, run_dir, s3_options  # noqa: F401  (fixtures storage uses)
 
 from spin_ray import integrity
 from spin_ray.cli import guarded
@@ -23,19 +22,10 @@ from spin_ray.rundir import RunDir
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
 
-@pytest.fixture(params=["local", "memory", "s3"])
-def storage(request: pytest.FixtureRequest, tmp_path: Path):
-    """A fresh, empty run directory on each backend (as test_rundir's ``run_dir``)."""
-    name = f"run-{uuid.uuid4().hex[:8]}"
-    if request.param == "local":
-        yield RunDir(tmp_path / name)
-    elif request.param == "memory":
-        run = RunDir(f"memory://{name}")
-        yield run
-        if run.fs.exists(run.root):
-            run.fs.rm(run.root, recursive=True)
-    else:
-        yield RunDir(f"s3://{BUCKET}/{name}", storage_options=request.getfixturevalue("s3_options"))
+@pytest.fixture
+def storage(run_dir: RunDir) -> RunDir:  # noqa: F811  (the fixture, imported from test_rundir)
+    """A fresh, empty run directory on each backend (test_rundir's ``run_dir``)."""
+    return run_dir
 
 
 @pytest.fixture(autouse=True)
