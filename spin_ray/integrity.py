@@ -52,10 +52,17 @@ def digest_stream(handle: IO[bytes]) -> tuple[str, int]:
     return sha.hexdigest(), size
 
 
+NOT_CHECKSUMMED = (RunLayout.DONE, "README.md")
+"""Files of a finished directory left out of its manifest: the marker itself, and a model's card
+(spin_ray.model_card), documentation that is rewritten once the model is evaluated, also in a copy
+of the model published elsewhere (a sweep's winner)."""
+
+
 def local_manifest(directory: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
-    """The manifest of every file under the local ``directory`` (its ``DONE`` excepted)."""
+    """The manifest of every file under the local ``directory`` (:data:`NOT_CHECKSUMMED` excepted)."""
     root = Path(directory)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() != RunLayout.DONE)
+    files = sorted(p for p in root.rglob("*")
+                   if p.is_file() and p.relative_to(root).as_posix() not in NOT_CHECKSUMMED)
     return manifest_of((p.relative_to(root).as_posix() for p in files), lambda name: open(root / name, "rb"))
 
 

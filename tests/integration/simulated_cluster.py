@@ -87,6 +87,8 @@ def nodes(cluster: SimulatedCluster) -> list[dict]:
                              "--format=json", "--limit=1000"], env=cluster.env, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
+    if not result.stdout.lstrip().startswith("["):  # "No resource in the cluster": the state API has no node yet
+        return []
     return json.loads(result.stdout)
 
 

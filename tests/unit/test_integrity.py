@@ -53,6 +53,19 @@ def test_publish_records_sha256_and_size_of_every_file(storage: RunDir, tmp_path
     assert files == expected
 
 
+def test_a_models_card_is_not_checksummed_so_a_published_copy_may_rewrite_it(tmp_path: Path):
+    # A sweep publishes its winner's model (card included) as iter_k and writes iter_k's own card;
+    # the evaluation rewrites every card with its scores. Neither may make the model look damaged.
+    storage = RunDir(tmp_path / "run")
+    source = make_model_dir(tmp_path / "built")
+    (source / "README.md").write_text("---\nbase_model: x\n---\nthe trial's card\n")
+    storage.publish_dir(source, "iter_1/model")
+    assert "README.md" not in storage.read_done("iter_1/model")["files"]
+    (tmp_path / "run" / "iter_1" / "model" / "README.md").write_text("iter_1's card, with its scores\n")
+    integrity.forget_verified()
+    storage.verify("iter_1/model")
+
+
 def test_a_flipped_byte_in_a_published_model_is_refused_before_use(storage: RunDir, tmp_path: Path):
     storage.publish_dir(make_model_dir(tmp_path / "built"), "iter_2/model")
     flip_byte(storage, f"iter_2/model/{WEIGHTS}", 512)  # the middle of the 1 KiB weights
