@@ -147,7 +147,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"generation.guidance_scale: must be >= 1, got {cfg.generation.guidance_scale}")
     _validate_baselines(cfg)
     _validate_selection_prompts(cfg)
-    from spin_ray.checkpoint_selection import check_selection_config  # here: it imports the config
+    # here, not at the top: it imports the config. Every Config is validated when built (from_dict,
+    # replace, with_overrides), so a bad train.eval_every/keep fails before any stage.
+    from spin_ray.checkpoint_selection import check_selection_config
 
     check_selection_config(cfg)
     if cfg.self_play.opponent_history < 1:

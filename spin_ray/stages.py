@@ -19,7 +19,6 @@ from pathlib import Path
 
 from spin_ray.checkpoint_selection import (
     Selection,
-    check_selection_config,
     remove_checkpoints,
     select_and_publish,
     snapshot_checkpoint_every,
@@ -102,7 +101,6 @@ def ensure_prepared(cfg: Config, rundir: RunDir, base_model: str) -> Prepared:
     (``latents_lose``); without one they are never read. A table prepared without them is
     prepared again when a DPO baseline is added later (its DONE records ``loser_latents``).
     """
-    check_selection_config(cfg)  # the first stage of every run: a bad train.eval_every/keep fails before training
     with_loser = "dpo" in baseline_names(cfg)
     if rundir.is_done(rundir.PREPARED):
         info = rundir.read_done(rundir.PREPARED)
@@ -248,7 +246,6 @@ def run_stage(cfg: Config, rundir: RunDir, rel: str, *, model_path: str, base_mo
         return rundir.local_copy(model_rel)
     from spin_ray.pairs import describe_stretch
 
-    check_selection_config(cfg)
     selection = selection or stage_selection(cfg)
     started = time.time()
     plan = plan or train_plan(cfg, init_model or model_path, iteration, loss_type, steps)
